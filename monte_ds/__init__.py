@@ -1,0 +1,33 @@
+"""monte-ds: MonteCLoRA fine-tuning at scale.
+
+MonteCLoRA is LoRA whose A matrix is re-sampled every training step from a
+Gaussian mixture with Wishart covariance and Dirichlet mixture weights; at
+inference it is a plain LoRA adapter (the mean).
+"""
+
+from monte_ds.config import MonteCLoRAConfig
+from monte_ds.monteclora import (
+    export_lora_adapter,
+    get_monteclora_model,
+    load_adapter,
+    load_sampler_state,
+    monteclora_layers,
+    monteclora_losses,
+    predictive_sampling,
+    sampler_state,
+    save_adapter,
+)
+
+__all__ = [
+    "MonteCLoRAConfig",
+    "export_lora_adapter",
+    "get_monteclora_model",
+    "load_adapter",
+    "load_sampler_state",
+    "monteclora_layers",
+    "monteclora_losses",
+    "predictive_sampling",
+    "sampler_state",
+    "save_adapter",
+]
+__version__ = "0.1.0"
