@@ -1,0 +1,117 @@
+"""Saving and loading: the full resumable MonteCLoRA adapter, and the plain-LoRA export.
+
+Both write atomically and gather parameters that DeepSpeed ZeRO-3 or FSDP2 shard, so the
+files are complete on any setup (the empty-adapter bug of ZeRO-3 users does not arise).
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from monte_ds.atomic import atomic_directory
+from monte_ds.config import MonteCLoRAConfig
+from monte_ds.errors import UserError
+from monte_ds.monteclora.layer import EXTRA_PARAMS
+from monte_ds.monteclora.model import get_monteclora_model, load_sampler_state, sampler_state
+from monte_ds.monteclora.sampler import data_parallel_rank
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "monteclora_config.json"
+SAMPLER_NAME = "sampler_state.json"
+
+
+def _unwrap(model: nn.Module) -> PeftModel:
+    """The PeftModel inside DeepSpeed/FSDP/DDP wrappers."""
+    while not isinstance(model, PeftModel):
+        inner = getattr(model, "module", None)
+        if inner is None:
+            raise ValueError(f"expected a PeftModel built by get_monteclora_model, got {type(model).__name__}")
+        model = inner
+    return model
+
+
+def _gathered(model: nn.Module):
+    """Gather ZeRO-3 partitioned parameters for reading (a no-op elsewhere)."""
+    params = [p for p in model.parameters() if hasattr(p, "ds_id")]
+    if not params:
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+def _full_cpu_state(peft_model: PeftModel, adapter_name: str) -> dict[str, torch.Tensor]:
+    """The adapter's state dict, complete and on CPU (collective under ZeRO-3/FSDP2: call on all ranks)."""
+    with _gathered(peft_model):
+        state = get_peft_model_state_dict(peft_model, adapter_name=adapter_name)
+        full = {}
+        for key, tensor in state.items():
+            if hasattr(tensor, "full_tensor"):  # FSDP2 DTensor
+                tensor = tensor.full_tensor()
+            full[key] = tensor.detach().to("cpu", copy=True).contiguous()
+    return full
+
+
+def _is_extra(key: str) -> bool:
+    return key.rsplit(".", 1)[-1] in EXTRA_PARAMS
+
+
+def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "default") -> None:
+    """Everything needed to resume training: A, B, v, alpha, the config and the sampler state."""
+    peft_model = _unwrap(model)
+    state = _full_cpu_state(peft_model, adapter_name)
+    if data_parallel_rank() != 0:
+        return
+    config = _monteclora_config(peft_model)
+    with atomic_directory(directory) as tmp:
+        save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        (tmp / SAMPLER_NAME).write_text(json.dumps(sampler_state(peft_model)) + "\n")
+        peft_model.peft_config[adapter_name].save_pretrained(tmp)
+
+
+def load_adapter(base_model: nn.Module, directory: str | Path, low_cpu_mem_usage: bool = False) -> PeftModel:
+    """Rebuild the MonteCLoRA model saved by `save_adapter` on `base_model` (exactly)."""
+    directory = Path(directory)
+    missing = [name for name in (WEIGHTS_NAME, CONFIG_NAME, SAMPLER_NAME) if not (directory / name).is_file()]
+    if missing:
+        raise UserError(f"{directory}: not a monte-ds adapter (missing {', '.join(missing)})")
+    config = MonteCLoRAConfig.from_dict(json.loads((directory / CONFIG_NAME).read_text()))
+    peft_model = get_monteclora_model(base_model, config, low_cpu_mem_usage=low_cpu_mem_usage)
+    state = load_file(directory / WEIGHTS_NAME)
+    expected = set(get_peft_model_state_dict(peft_model).keys())
+    if set(state) != expected:
+        absent, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+        raise UserError(f"{directory}: adapter does not match the model (missing {absent[:3]}, unexpected {extra[:3]})")
+    set_peft_model_state_dict(peft_model, state, low_cpu_mem_usage=low_cpu_mem_usage)
+    load_sampler_state(peft_model, json.loads((directory / SAMPLER_NAME).read_text()))
+    return peft_model
+
+
+def export_lora_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "default") -> None:
+    """A plain peft LoRA adapter of the means (A = mu): what MonteCLoRA is at inference.
+
+    `peft.PeftModel.from_pretrained(base, directory)` loads it without monte_ds installed.
+    """
+    peft_model = _unwrap(model)
+    state = {k: v for k, v in _full_cpu_state(peft_model, adapter_name).items() if not _is_extra(k)}
+    if data_parallel_rank() != 0:
+        return
+    with atomic_directory(directory) as tmp:
+        save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+        peft_model.peft_config[adapter_name].save_pretrained(tmp)
+
+
+def _monteclora_config(model: nn.Module) -> MonteCLoRAConfig:
+    from monte_ds.monteclora.model import monteclora_layers
+
+    for layer in monteclora_layers(model):
+        return layer.source.config
+    raise ValueError("model has no MonteCLoRA layers (build it with monte_ds.get_monteclora_model)")
