@@ -9,6 +9,8 @@ plain LoRA and peft's merge/unmerge see the mean.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -41,9 +43,10 @@ _MIXTURE_STREAM = {STREAM_TRAIN: STREAM_DIRICHLET, STREAM_PREDICTIVE: STREAM_PRE
 class MonteCLoRALinearA(nn.Linear):
     """A = mu + epsilon * ||pi||_2 * diag(sqrt v) * L_B * Z in training; A = mu in eval.
 
-    Trainable: `weight` (mu), `wishart_log_scale` (ln v, r) and `concentration_log` (ln alpha, N).
-    Parameterised in log space so v and alpha stay positive without clipping, and ln det V
-    is exact.
+    Trainable: `weight` (mu), `wishart_log_scale` (ln v, shape r x 1: it scales A's rows) and
+    `concentration_log` (ln alpha, shape 1 x N). Parameterised in log space so v and alpha stay
+    positive without clipping, and ln det V is exact. Stored 2-D because peft flags 1-D tensors
+    under `lora_A` as unsharded ZeRO-3 leftovers when it saves.
     """
 
     def __init__(self, lora_a: nn.Linear, config: MonteCLoRAConfig, source: NoiseSource) -> None:
@@ -58,33 +61,50 @@ class MonteCLoRALinearA(nn.Linear):
         # (forward index, row_sq, log_det) of the last training forward: what the KL needs.
         self.last_forward: tuple[int, torch.Tensor, torch.Tensor] | None = None
         device = self.weight.device
-        self.wishart_log_scale = nn.Parameter(torch.zeros(self.out_features, device=device, dtype=torch.float32))
-        self.concentration_log = nn.Parameter(
-            self._initial_log_concentration(config, device), requires_grad=True
-        )
+        self._seeded_mean_init(config)
+        self.wishart_log_scale = nn.Parameter(torch.zeros(self.out_features, 1, device=device, dtype=torch.float32))
+        self.concentration_log = nn.Parameter(self._initial_log_concentration(config, device).unsqueeze(0))
+
+    def _seeded_mean_init(self, config: MonteCLoRAConfig) -> None:
+        """Re-draw peft's Kaiming-uniform init of A from (seed, layer) instead of the global RNG,
+        so two models built with the same seed are identical. Skipped where the weight is not
+        materialised (meta device, or already partitioned by ZeRO-3 init)."""
+        if self.weight.device.type == "meta" or self.weight.shape != (self.out_features, self.in_features):
+            return
+        generator = seeded_generator(torch.device("cpu"), stream_seed(config.seed, STREAM_INIT, 0, self.layer_index))
+        bound = 1.0 / math.sqrt(self.in_features)  # kaiming_uniform_(a=sqrt(5)), as peft
+        uniform = torch.rand(self.weight.shape, generator=generator, dtype=torch.float32)
+        with torch.no_grad():
+            self.weight.copy_((2 * uniform - 1) * bound)
 
     def _initial_log_concentration(self, config: MonteCLoRAConfig, device: torch.device) -> torch.Tensor:
         n = config.n_components
         if config.dirichlet_init == "ones" or device.type == "meta":
             return torch.zeros(n, device=device, dtype=torch.float32)
         # U(0, 1) init (paper §6.4), seeded by (seed, layer) so two builds agree.
-        generator = seeded_generator(torch.device("cpu"), stream_seed(config.seed, STREAM_INIT, self.layer_index))
+        generator = seeded_generator(torch.device("cpu"), stream_seed(config.seed, STREAM_INIT, 1, self.layer_index))
         uniform = torch.rand(n, generator=generator, dtype=torch.float32).clamp_min(1e-6)
         return uniform.log().to(device)
 
     @property
     def wishart_scale(self) -> torch.Tensor:
         """v > 0, the diagonal of the Wishart scale matrix V."""
-        return self.wishart_log_scale.exp()
+        return self._log_v().exp()
 
     @property
     def concentration(self) -> torch.Tensor:
         """alpha > 0, the Dirichlet concentration of the mixture weights."""
-        return self.concentration_log.exp()
+        return self._log_alpha().exp()
+
+    def _log_v(self) -> torch.Tensor:
+        return self.wishart_log_scale.float().flatten()
+
+    def _log_alpha(self) -> torch.Tensor:
+        return self.concentration_log.float().flatten()
 
     def mixture_weights(self, stream: int, index: int) -> torch.Tensor:
         """pi ~ Dir(alpha), reparameterised, from the (seed, rank, stream, index, layer) stream."""
-        alpha = self.concentration_log.float().exp()
+        alpha = self._log_alpha().exp()
         generator = seeded_generator(alpha.device, self.source.key_seed(stream, index, self.layer_index))
         return dirichlet_rsample(alpha, generator)
 
@@ -111,7 +131,7 @@ class MonteCLoRALinearA(nn.Linear):
             else:
                 mixture_norm = self.mixture_weights(_MIXTURE_STREAM[stream], index).norm()
             row_scale = self.sample_scaler * mixture_norm * (0.5 * self.wishart_log_scale.float()).exp()
-            delta = row_scale.unsqueeze(1) * draw.noise
+            delta = row_scale * draw.noise
         return self.weight + delta.to(self.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -127,8 +147,8 @@ class MonteCLoRALinearA(nn.Linear):
             raise RuntimeError("monteclora_losses: no training-mode forward has run yet")
         index, row_sq, log_det = self.last_forward
         with torch.autocast(self.weight.device.type, enabled=False):
-            log_v = self.wishart_log_scale.float()
-            alpha = self.concentration_log.float().exp()
+            log_v = self._log_v()
+            alpha = self._log_alpha().exp()
             pi = self.mixture_weights(STREAM_DIRICHLET, index)
             return {
                 "kl_gaussian": kl_gaussian(log_v, row_sq.to(log_v.device), log_det.to(log_v.device)),

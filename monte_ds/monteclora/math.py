@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.autograd.function import once_differentiable
+from torch.distributions.dirichlet import _Dirichlet_backward  # torch's own implicit gradient
 
 _MASK64 = (1 << 64) - 1
 
@@ -78,10 +80,10 @@ class _DirichletRSample(torch.autograd.Function):
         return sample
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]
         sample, concentration = ctx.saved_tensors
-        total = concentration.sum(-1, keepdim=True).expand_as(concentration)
-        return torch._dirichlet_grad(sample, concentration, total) * grad_output, None
+        return _Dirichlet_backward(sample, concentration, grad_output), None
 
 
 def dirichlet_rsample(concentration: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

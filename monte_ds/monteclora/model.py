@@ -72,16 +72,23 @@ def get_monteclora_model(
     if not source.layer_count:
         raise ValueError(f"target_modules {config.resolved_target_modules!r} matched no linear layer")
     root = peft_model.get_base_model()
-    root.register_forward_pre_hook(_begin_training_forward_hook(source))
+    root.register_forward_pre_hook(TrainingForwardCounter(source))
     return peft_model
 
 
-def _begin_training_forward_hook(source: NoiseSource):
-    def hook(module: nn.Module, args) -> None:
-        if module.training:
-            source.begin_training_forward()
+class TrainingForwardCounter:
+    """Root-module pre-hook advancing the noise counter once per training forward.
 
-    return hook
+    An object rather than a closure so that `copy.deepcopy(model)` gives the copy a hook bound
+    to the copy's own noise source (functions are not copied by deepcopy).
+    """
+
+    def __init__(self, source: NoiseSource) -> None:
+        self.source = source
+
+    def __call__(self, module: nn.Module, args) -> None:
+        if module.training:
+            self.source.begin_training_forward()
 
 
 def monteclora_layers(model: nn.Module) -> Iterator[MonteCLoRALinearA]:

@@ -1,0 +1,117 @@
+"""The math against torch.distributions and independent closed forms (DESIGN.md, 'Losses')."""
+
+import math
+
+import pytest
+import torch
+from torch.distributions import Dirichlet, MultivariateNormal, kl_divergence
+
+from monte_ds.monteclora.math import (
+    draw_bartlett,
+    dirichlet_rsample,
+    kl_dirichlet,
+    kl_gaussian,
+    kl_wishart,
+    seeded_generator,
+    stream_seed,
+)
+
+CPU = torch.device("cpu")
+
+
+def general_wishart_kl(v1: torch.Tensor, nu1: float, v2: torch.Tensor, nu2: float) -> torch.Tensor:
+    """KL(W(diag v1, nu1) || W(diag v2, nu2)), the general closed form (float64)."""
+    r = v1.numel()
+    ratio = v1 / v2
+
+    def mvlgamma(a: float) -> torch.Tensor:
+        return torch.mvlgamma(torch.tensor(a, dtype=torch.float64), r)
+
+    def mvdigamma(a: float) -> torch.Tensor:
+        return torch.digamma(torch.tensor(a, dtype=torch.float64) - torch.arange(r, dtype=torch.float64) / 2).sum()
+
+    return (
+        0.5 * nu2 * (torch.log(v2).sum() - torch.log(v1).sum())
+        + 0.5 * nu1 * (ratio.sum() - r)
+        + mvlgamma(nu2 / 2)
+        - mvlgamma(nu1 / 2)
+        + 0.5 * (nu1 - nu2) * mvdigamma(nu1 / 2)
+    )
+
+
+@pytest.mark.parametrize("alpha", [[1.0, 1.0, 1.0, 1.0], [0.3, 2.0, 5.0, 0.7], [1e4, 1e-3, 50.0, 2.0]])
+@pytest.mark.parametrize("prior", [1.0, 0.5])
+def test_dirichlet_kl_matches_torch_distributions(alpha, prior):
+    a = torch.tensor(alpha, dtype=torch.float64)
+    expected = kl_divergence(Dirichlet(a), Dirichlet(torch.full_like(a, prior)))
+    assert torch.allclose(kl_dirichlet(a, prior), expected, rtol=1e-9, atol=1e-9)
+    # fp32, as in training: finite and close even at alpha = 1e4
+    got32 = kl_dirichlet(a.float(), prior)
+    assert torch.isfinite(got32)
+    assert abs(got32.item() - expected.item()) <= 1e-3 * max(1.0, abs(expected.item()))
+
+
+def test_dirichlet_kl_is_finite_where_log_exp_lgamma_overflows():
+    # sum(alpha) = 4e4: exp(lgamma) overflows fp32 (peft's and the official code's failure)
+    a = torch.full((4,), 1e4)
+    assert torch.isinf(torch.exp(torch.lgamma(a.sum())))
+    assert torch.isfinite(kl_dirichlet(a, 1.0))
+
+
+@pytest.mark.parametrize("v", [[1.0, 1.0, 1.0], [0.5, 2.0, 3.0], [1e-8, 1.0, 1e8]])
+def test_wishart_kl_matches_the_general_closed_form(v):
+    v64 = torch.tensor(v, dtype=torch.float64)
+    for nu in (3.0, 7.5):
+        expected = general_wishart_kl(v64, nu, torch.ones_like(v64), nu)
+        assert torch.allclose(kl_wishart(v64.log(), nu), expected, rtol=1e-9)
+        assert torch.isfinite(kl_wishart(v64.log().float(), nu))
+
+
+@pytest.mark.parametrize("v", [[1.0, 1.0, 1.0, 1.0], [0.1, 2.0, 3.0, 0.5], [1e-8, 1e8, 1.0, 1.0]])
+def test_gaussian_kl_matches_torch_distributions(v):
+    r = 4
+    draw = draw_bartlett(r, 8, float(r), seeded_generator(CPU, 7), CPU)
+    log_v = torch.tensor(v, dtype=torch.float64).log()
+    # rebuild L = diag(sqrt v) L_B from the same generator stream, independently of row_sq / log_det
+    g = seeded_generator(CPU, 7)
+    torch.randn(r, 8, generator=g)
+    lower = torch.randn(r, r, generator=g).tril(-1)
+    chi2 = 2 * torch._standard_gamma((r - torch.arange(r, dtype=torch.float32)) / 2, generator=g)
+    chol = (lower + torch.diag(chi2.sqrt())).double() * log_v.mul(0.5).exp().unsqueeze(1)
+    got = kl_gaussian(log_v, draw.row_sq.double(), draw.log_det.double())
+    if max(v) <= 10:
+        expected = kl_divergence(
+            MultivariateNormal(torch.zeros(r, dtype=torch.float64), scale_tril=chol),
+            MultivariateNormal(torch.zeros(r, dtype=torch.float64), torch.eye(r, dtype=torch.float64)),
+        )
+        assert torch.allclose(got, expected, rtol=1e-5)
+    assert torch.isfinite(kl_gaussian(log_v.float(), draw.row_sq, draw.log_det))
+
+
+def test_bartlett_factor_gives_wishart_moments():
+    """E[L_B L_B^T] = nu I: row_sq (the diagonal of Sigma/v) averages nu, each ~ chi2(nu)."""
+    r, nu, n = 4, 6.0, 4000
+    g = seeded_generator(CPU, 3)
+    row_sq = torch.stack([draw_bartlett(r, 2, nu, g, CPU).row_sq for _ in range(n)])
+    se = math.sqrt(2 * nu / n)  # chi2(nu) has variance 2 nu
+    assert torch.all((row_sq.mean(0) - nu).abs() < 5 * se)
+
+
+def test_dirichlet_rsample_equals_torch_rsample_with_the_same_stream():
+    alpha = torch.tensor([0.4, 1.5, 3.0, 0.9], requires_grad=True)
+    torch.manual_seed(11)
+    reference = Dirichlet(alpha).rsample()
+    (reference * torch.arange(4.0)).sum().backward()
+    reference_grad = alpha.grad.clone()
+    alpha.grad = None
+    ours = dirichlet_rsample(alpha, seeded_generator(CPU, 11))
+    (ours * torch.arange(4.0)).sum().backward()
+    assert torch.equal(ours, reference)
+    assert torch.allclose(alpha.grad, reference_grad)
+
+
+def test_stream_seed_separates_every_key():
+    seeds = {stream_seed(seed, rank, 0, step, layer) for seed in range(3) for rank in range(3)
+             for step in range(5) for layer in range(7)}
+    assert len(seeds) == 3 * 3 * 5 * 7
+    assert stream_seed(1, 2, 3) == stream_seed(1, 2, 3)
