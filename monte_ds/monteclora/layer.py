@@ -14,6 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from monte_ds.config import MonteCLoRAConfig
 from monte_ds.monteclora.math import (
@@ -38,6 +39,12 @@ DIRICHLET_PARAM = "concentration_log"
 EXTRA_PARAMS = (WISHART_PARAM, DIRICHLET_PARAM)
 # The mixture weights of a forward come from their own stream, paired with the noise stream.
 _MIXTURE_STREAM = {STREAM_TRAIN: STREAM_DIRICHLET, STREAM_PREDICTIVE: STREAM_PREDICTIVE_DIRICHLET}
+
+
+def _full(param: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a parameter FSDP2 keeps sharded outside the forward (a differentiable
+    all-gather, so the regulariser's gradient reaches every shard); plain tensors pass through."""
+    return param.full_tensor() if isinstance(param, DTensor) else param
 
 
 class MonteCLoRALinearA(nn.Linear):
@@ -97,10 +104,10 @@ class MonteCLoRALinearA(nn.Linear):
         return self._log_alpha().exp()
 
     def _log_v(self) -> torch.Tensor:
-        return self.wishart_log_scale.float().flatten()
+        return _full(self.wishart_log_scale).float().flatten()
 
     def _log_alpha(self) -> torch.Tensor:
-        return self.concentration_log.float().flatten()
+        return _full(self.concentration_log).float().flatten()
 
     def mixture_weights(self, stream: int, index: int) -> torch.Tensor:
         """pi ~ Dir(alpha), reparameterised, from the (seed, rank, stream, index, layer) stream."""
