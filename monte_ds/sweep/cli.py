@@ -1,0 +1,93 @@
+"""`monte-ds sweep`: the paper's robustness protocol (§3.3) over a hyperparameter grid.
+
+    monte-ds sweep --config BASE.json --grid training.learning_rate=3e-4,3e-5 \\
+        --grid training.per_device_train_batch_size=8,16,32 --methods lora,monteclora \\
+        [--seeds 0,1] [--set key.path=value ...] --output DIR [--plan-only | --report-only]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from monte_ds.errors import UserError
+from monte_ds.sweep.grid import check_keys, parse_assignment, parse_grid_axis, parse_list, parse_seeds
+from monte_ds.sweep.report import SWEEP_MD
+from monte_ds.sweep.runner import DEFAULT_LAUNCHER, Sweep, execute, pending_commands
+
+logger = logging.getLogger("monte_ds.sweep")
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line and exit 2, like every monte-ds user error
+        raise UserError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _ArgumentParser(
+        prog="monte-ds sweep",
+        description="Train every grid point x method x seed with `monte-ds train` and measure robustness: "
+        "best, median, 1/median, spread per method and metric, a Wilcoxon signed-rank test between "
+        "methods over matched runs, and box plots. Restartable: finished runs are skipped.",
+    )
+    parser.add_argument("--config", required=True, type=Path, help="the base training config (JSON)")
+    parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
+                        help="a swept config key and its values (repeatable; values parsed like --set)")
+    parser.add_argument("--methods", default="lora,monteclora", help="adapter.method values (default: lora,monteclora)")
+    parser.add_argument("--seeds", default="0", help="training.seed values (default: 0)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="fixed",
+                        help="an override applied to every run (repeatable)")
+    parser.add_argument("--output", required=True, type=Path, help="the sweep's folder (runs, logs, report)")
+    parser.add_argument("--launcher", default=shlex.join(DEFAULT_LAUNCHER),
+                        help="the command that trains one run, given --config and --set (default: %(default)s); "
+                        "e.g. 'torchrun --nproc-per-node 8 -m monte_ds.cli train'")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--plan-only", action="store_true",
+                      help="print one launch command per unfinished run (for a scheduler) and run nothing")
+    mode.add_argument("--report-only", action="store_true",
+                      help="train nothing: write the report from the runs finished so far")
+    return parser
+
+
+def parse_sweep(args: argparse.Namespace) -> Sweep:
+    if not args.config.is_file():
+        raise UserError(f"--config: no such file {args.config}")
+    try:
+        json.loads(args.config.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"--config: {args.config} is not valid JSON ({err})") from None
+    axes = tuple(parse_grid_axis(text) for text in args.grid)
+    fixed = tuple(parse_assignment(text, "--set") for text in args.fixed)
+    check_keys(axes, fixed)
+    launcher = tuple(shlex.split(args.launcher))
+    if not launcher:
+        raise UserError("--launcher: empty command")
+    return Sweep(
+        config=args.config.resolve(),
+        output=args.output.resolve(),
+        axes=axes,
+        fixed=fixed,
+        methods=tuple(parse_list(args.methods, "--methods")),
+        seeds=tuple(parse_seeds(args.seeds)),
+        launcher=launcher,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    sweep = parse_sweep(args)
+    if args.plan_only:
+        for command in pending_commands(sweep):
+            print(command)
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    command_line = shlex.join(["monte-ds", "sweep", *argv])
+    execute(sweep, command_line, launch=not args.report_only)
+    logger.info("report: %s", sweep.output / SWEEP_MD)
+    return 0

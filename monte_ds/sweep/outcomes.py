@@ -1,0 +1,94 @@
+"""What one training run of the sweep produced, read back from its output dir.
+
+A run is *finished* when `metrics.json` says completed (and, when its config asks for an
+evaluation, `report/report.json` exists) or diverged: both are results and a restart skips
+them. Anything else is *pending* before the run is launched and *failed* after it was.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from monte_ds.evaluation.report import REPORT_JSON, metric_rows
+
+METRICS_JSON = "metrics.json"
+CONFIG_JSON = "config.json"
+REPORT_DIR = "report"
+
+Status = Literal["completed", "diverged", "failed", "pending"]
+
+
+@dataclass(frozen=True)
+class Metric:
+    task: str
+    name: str  # lm-eval's "metric,filter" key, or a calibration metric
+    higher_is_better: bool
+
+    @property
+    def label(self) -> str:
+        metric, _, filter_name = self.name.partition(",")
+        return metric if filter_name in ("", "none") else f"{metric} ({filter_name})"
+
+
+@dataclass
+class Outcome:
+    status: Status
+    scores: dict[Metric, float] = field(default_factory=dict)
+    detail: str = ""  # why a run failed
+
+    @property
+    def finished(self) -> bool:
+        return self.status in ("completed", "diverged")
+
+
+def read_outcome(run_dir: Path) -> Outcome:
+    """The run's result, or pending when it has not produced one (never launched, or interrupted)."""
+    metrics = _read_json(run_dir / METRICS_JSON)
+    if metrics is None:
+        return Outcome("pending", detail=f"no {METRICS_JSON}")
+    if metrics.get("status") == "diverged":
+        return Outcome("diverged", detail=f"loss diverged at step {metrics.get('global_step')}")
+    if metrics.get("status") != "completed":
+        return Outcome("pending", detail=f"{METRICS_JSON} status {metrics.get('status')!r}")
+    if not _evaluation_configured(run_dir):
+        return Outcome("completed")
+    report = _read_json(run_dir / REPORT_DIR / REPORT_JSON)
+    if report is None:
+        return Outcome("pending", detail=f"training completed but no {REPORT_DIR}/{REPORT_JSON}")
+    return Outcome("completed", report_scores(report))
+
+
+def report_scores(report: dict[str, Any]) -> dict[Metric, float]:
+    """Every metric of an evaluation report: lm-eval's results and the calibration NLL/ECE."""
+    lm_eval = report["lm_eval"]
+    scores = {}
+    for task, results in lm_eval["results"].items():
+        direction = lm_eval.get("higher_is_better", {}).get(task, {})
+        for metric, filter_name, value, _ in metric_rows(results):
+            if _is_number(value):
+                scores[Metric(task, f"{metric},{filter_name}", bool(direction.get(metric, True)))] = float(value)
+    for task, calibration in (report.get("calibration") or {}).items():
+        for name in ("nll", "ece"):
+            if _is_number(calibration.get(name)):
+                scores[Metric(task, name, higher_is_better=False)] = float(calibration[name])
+    return scores
+
+
+def _evaluation_configured(run_dir: Path) -> bool:
+    config = _read_json(run_dir / CONFIG_JSON) or {}
+    return bool((config.get("eval") or {}).get("suites"))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None

@@ -1,0 +1,67 @@
+"""Box plots of a sweep, one PNG per (task, metric) with the methods side by side (paper Figs. 4-6)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+import numpy as np  # noqa: E402
+
+from monte_ds.sweep.stats import Score  # noqa: E402
+
+_UNSAFE_FILE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def plot_filename(task: str, metric: str) -> str:
+    """`gsm8k`, `exact_match,strict-match` -> `gsm8k__exact_match_strict-match.png`."""
+    return f"{_file_safe(task)}__{_file_safe(metric)}.png"
+
+
+def _file_safe(name: str) -> str:
+    return _UNSAFE_FILE_CHARS.sub("_", name).strip("_")
+
+
+def box_plot(
+    path: Path,
+    task: str,
+    metric: str,
+    scores_by_method: Mapping[str, Sequence[Score]],
+    higher_is_better: bool,
+) -> None:
+    """Boxes of the finished runs, every run drawn as a point; failed runs are counted under each box."""
+    methods = list(scores_by_method)
+    finished = [[s for s in scores_by_method[m] if s is not None] for m in methods]
+    figure, axes = plt.subplots(figsize=(1.6 + 1.4 * len(methods), 3.6))
+    positions = np.arange(1, len(methods) + 1)
+    drawn = [(pos, values) for pos, values in zip(positions, finished) if values]
+    if drawn:
+        axes.boxplot(
+            [values for _, values in drawn],
+            positions=[pos for pos, _ in drawn],
+            widths=0.5,
+            whis=(0, 100),  # whiskers at best and worst: the spread of the finished runs
+            medianprops={"color": "black"},
+        )
+    jitter = np.random.default_rng(0)  # fixed: the same sweep gives the same picture
+    for pos, values in zip(positions, finished):
+        axes.scatter(pos + jitter.uniform(-0.12, 0.12, len(values)), values, s=14, alpha=0.7, zorder=3)
+    labels = []
+    for method in methods:
+        n_failed = sum(s is None for s in scores_by_method[method])
+        labels.append(f"{method}\n({n_failed} failed)" if n_failed else method)
+    axes.set_xticks(positions, labels)
+    axes.set_xlim(0.4, len(methods) + 0.6)
+    axes.set_ylabel(f"{metric} ({'higher' if higher_is_better else 'lower'} is better)")
+    axes.set_title(task)
+    axes.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    figure.savefig(tmp, dpi=110, format="png")
+    plt.close(figure)
+    tmp.replace(path)

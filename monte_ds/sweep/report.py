@@ -1,0 +1,176 @@
+"""sweep.json, sweep.md and the box plots: the robustness statistics of a sweep's runs.
+
+Pending runs (not run yet, e.g. still queued on a cluster) are listed but are not results;
+failed and diverged runs are results and enter every statistic (see `stats`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from monte_ds.atomic import atomic_write_json, atomic_write_text
+from monte_ds.sweep.grid import Run
+from monte_ds.sweep.outcomes import Metric, Outcome
+from monte_ds.sweep.plots import box_plot, plot_filename
+from monte_ds.sweep.stats import Score, paired_test, summarize
+
+SWEEP_JSON = "sweep.json"
+SWEEP_MD = "sweep.md"
+PLOTS_DIR = "plots"
+STATUSES = ("completed", "diverged", "failed", "pending")
+
+
+def metric_scores(
+    runs: Sequence[Run], outcomes: Mapping[str, Outcome], metric: Metric, method: str
+) -> dict[tuple, Score]:
+    """match key -> score of `method`'s non-pending runs; a run without the score counts as failed."""
+    return {
+        run.match_key: outcomes[run.run_id].scores.get(metric)
+        for run in runs
+        if run.method == method and outcomes[run.run_id].status != "pending"
+    }
+
+
+def summarize_sweep(
+    runs: Sequence[Run], outcomes: Mapping[str, Outcome], methods: Sequence[str]
+) -> list[dict[str, Any]]:
+    """Per metric: each method's summary and the paired test of every pair of methods."""
+    metrics = sorted(
+        {metric for outcome in outcomes.values() for metric in outcome.scores},
+        key=lambda m: (m.task, m.name),
+    )
+    sections = []
+    for metric in metrics:
+        by_method = {method: metric_scores(runs, outcomes, metric, method) for method in methods}
+        summaries = {
+            method: summarize(list(scores.values()), metric.higher_is_better).to_dict() | {"scores": list(scores.values())}
+            for method, scores in by_method.items()
+            if scores
+        }
+        comparisons = []
+        for a, b in itertools.combinations(methods, 2):
+            matched = [key for key in by_method[a] if key in by_method[b]]
+            if matched:
+                test = paired_test([by_method[a][k] for k in matched], [by_method[b][k] for k in matched], metric.higher_is_better)
+                comparisons.append({"a": a, "b": b, **test.to_dict()})
+        sections.append(
+            {
+                "task": metric.task,
+                "metric": metric.name,
+                "label": metric.label,
+                "higher_is_better": metric.higher_is_better,
+                "plot": f"{PLOTS_DIR}/{plot_filename(metric.task, metric.name)}",
+                "methods": summaries,
+                "comparisons": comparisons,
+            }
+        )
+    return sections
+
+
+def build_sweep_report(
+    header: Mapping[str, Any], runs: Sequence[Run], outcomes: Mapping[str, Outcome], methods: Sequence[str],
+    run_dir: Mapping[str, Path],
+) -> dict[str, Any]:
+    counts = {method: dict.fromkeys(STATUSES, 0) for method in methods}
+    for run in runs:
+        counts[run.method][outcomes[run.run_id].status] += 1
+    return {
+        **header,
+        "counts": counts,
+        "metrics": summarize_sweep(runs, outcomes, methods),
+        "runs": [
+            {
+                "run_id": run.run_id,
+                "method": run.method,
+                "seed": run.seed,
+                "point": dict(run.point),
+                "status": outcomes[run.run_id].status,
+                "detail": outcomes[run.run_id].detail,
+                "output_dir": str(run_dir[run.run_id]),
+                "scores": [
+                    {"task": m.task, "metric": m.name, "value": value}
+                    for m, value in sorted(outcomes[run.run_id].scores.items(), key=lambda item: (item[0].task, item[0].name))
+                ],
+            }
+            for run in runs
+        ],
+    }
+
+
+def write_sweep_report(output: Path, report: dict[str, Any]) -> None:
+    """sweep.json (non-finite numbers as null), sweep.md and one box plot per metric."""
+    for section in report["metrics"]:
+        box_plot(
+            output / section["plot"],
+            section["task"],
+            section["label"],
+            {method: summary["scores"] for method, summary in section["methods"].items()},
+            section["higher_is_better"],
+        )
+    atomic_write_json(output / SWEEP_JSON, _finite_or_null(report))
+    atomic_write_text(output / SWEEP_MD, markdown(report))
+
+
+def markdown(report: Mapping[str, Any]) -> str:
+    lines = ["# Robustness sweep", "", f"`{report['command']}`", "", "| method | " + " | ".join(STATUSES) + " |",
+             "|---" * (len(STATUSES) + 1) + "|"]
+    for method, counts in report["counts"].items():
+        lines.append(f"| {method} | " + " | ".join(str(counts[s]) for s in STATUSES) + " |")
+    if any(counts["pending"] for counts in report["counts"].values()):
+        lines += ["", "Pending runs have no result yet and are left out of the statistics below."]
+    lines += [
+        "",
+        "Failed and diverged runs rank below every finished run: they make `worst` and `spread` unbounded (∞)",
+        "and `median` reads `failed` once half of a method's runs failed. Robustness is the median (paper eq. 3)",
+        "where higher is better and 1/median (eq. 2) where lower is better.",
+    ]
+    for section in report["metrics"]:
+        direction = "higher" if section["higher_is_better"] else "lower"
+        robustness = "median" if section["higher_is_better"] else "1/median"
+        lines += ["", f"## {section['task']}: {section['label']} ({direction} is better)", "",
+                  f"| method | runs | failed | best | median | robustness ({robustness}) | spread |", "|---|---|---|---|---|---|---|"]
+        for method, s in section["methods"].items():
+            cells = [method, s["n"], s["n_failed"], *(_fmt(s[k], "failed") for k in ("best", "median", "robustness")),
+                     _fmt(s["spread"])]
+            lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+        if section["comparisons"]:
+            lines += ["", "| Wilcoxon signed-rank | pairs | A better | B better | ties | W | p |", "|---|---|---|---|---|---|---|"]
+            for c in section["comparisons"]:
+                cells = [f"A={c['a']} vs B={c['b']}", c["n_pairs"], c["a_better"], c["b_better"], c["ties"],
+                         _fmt(c["statistic"]), _fmt(c["p_value"])]
+                lines.append("| " + " | ".join(str(x) for x in cells) + " |")
+        lines += ["", f"![{section['task']} {section['label']}]({section['plot']})"]
+    lines += _runs_table(report)
+    return "\n".join(lines) + "\n"
+
+
+def _runs_table(report: Mapping[str, Any]) -> list[str]:
+    columns = [(s["task"], s["metric"], f"{s['task']} {s['label']}") for s in report["metrics"]]
+    lines = ["", "## Runs", "", "| run | status | " + " | ".join(title for _, _, title in columns) + " |",
+             "|---" * (len(columns) + 2) + "|"]
+    for run in report["runs"]:
+        values = {(score["task"], score["metric"]): score["value"] for score in run["scores"]}
+        cells = [f"`{run['run_id']}`", run["status"]] + [_fmt(values.get((task, name))) for task, name, _ in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _fmt(value: float | None, infinite: str = "∞") -> str:
+    """A number for the tables; `infinite` names what an unbounded value means in its column."""
+    if value is None or math.isnan(value):
+        return "—"
+    return infinite if math.isinf(value) else f"{value:.4g}"
+
+
+def _finite_or_null(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_finite_or_null(item) for item in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

@@ -1,0 +1,128 @@
+"""Run a sweep: each run is one `monte-ds train` subprocess, sequentially, restartable.
+
+Everything lives under the sweep's output dir: `runs/<method>/<point>__seed=<s>/` (each run's
+training output dir), `logs/` (each run's stdout and stderr), `settings.json` (the base config
+and fixed overrides the runs were made with), `sweep.json`, `sweep.md` and `plots/`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from monte_ds.atomic import atomic_write_json
+from monte_ds.errors import UserError
+from monte_ds.sweep.grid import GridAxis, Run, expand, train_command
+from monte_ds.sweep.outcomes import Outcome, read_outcome
+from monte_ds.sweep.report import build_sweep_report, write_sweep_report
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_LAUNCHER = (sys.executable, "-m", "monte_ds.cli", "train")
+SETTINGS_JSON = "settings.json"
+CONFIG_ERROR_EXIT = 2  # `monte-ds train` rejected the config: a user error, not a robustness result
+
+
+@dataclass(frozen=True)
+class Sweep:
+    config: Path
+    output: Path
+    axes: tuple[GridAxis, ...]
+    fixed: tuple[tuple[str, str], ...]
+    methods: tuple[str, ...]
+    seeds: tuple[int, ...]
+    launcher: tuple[str, ...] = DEFAULT_LAUNCHER
+
+    @property
+    def runs(self) -> list[Run]:
+        return expand(self.axes, self.methods, self.seeds)
+
+    def run_dir(self, run: Run) -> Path:
+        return self.output / "runs" / run.run_id
+
+    def log_path(self, run: Run) -> Path:
+        return self.output / "logs" / f"{run.run_id.replace('/', '__')}.log"
+
+    def command(self, run: Run) -> list[str]:
+        return train_command(self.launcher, self.config, self.fixed, run, self.run_dir(run))
+
+    def settings(self) -> dict[str, Any]:
+        """What every run shares: a restart into the same dir must not mix runs of two of these."""
+        return {"config": json.loads(self.config.read_text()), "set": dict(self.fixed)}
+
+
+def check_settings(sweep: Sweep) -> None:
+    """Refuse to add runs to an output dir whose finished runs used another base config or --set."""
+    path = sweep.output / SETTINGS_JSON
+    if path.exists() and json.loads(path.read_text()) != sweep.settings():
+        raise UserError(
+            f"--output: {sweep.output} holds runs made with another base config or --set overrides "
+            f"(see {path}); use a new --output"
+        )
+
+
+def pending_commands(sweep: Sweep) -> list[str]:
+    """One shell command per run that has no result yet (what --plan-only prints)."""
+    return [shlex.join(sweep.command(run)) for run in sweep.runs if not read_outcome(sweep.run_dir(run)).finished]
+
+
+def run_one(sweep: Sweep, run: Run) -> Outcome:
+    """Train one run in a subprocess, its output in the run's log; a crash is a failed run."""
+    log = sweep.log_path(run)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as handle:
+        returncode = subprocess.run(sweep.command(run), stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT).returncode
+    if returncode == CONFIG_ERROR_EXIT:
+        raise UserError(f"run {run.run_id}: monte-ds train rejected the config: {_last_line(log)} (log: {log})")
+    outcome = read_outcome(sweep.run_dir(run))
+    if outcome.status == "pending":
+        # It was launched and left no result: a crash (OOM, a bug, a kill) counts as a failure.
+        return Outcome("failed", detail=f"exit code {returncode}, {outcome.detail}; log: {log}")
+    return outcome
+
+
+def execute(sweep: Sweep, command_line: str, *, launch: bool = True) -> dict[str, Any]:
+    """Train every unfinished run (unless `launch` is False), then write the report; return it."""
+    runs = sweep.runs
+    if launch:
+        check_settings(sweep)
+        atomic_write_json(sweep.output / SETTINGS_JSON, sweep.settings())
+    outcomes = {run.run_id: read_outcome(sweep.run_dir(run)) for run in runs}
+    todo = [run for run in runs if not outcomes[run.run_id].finished] if launch else []
+    logger.info("%d runs: %d finished, %d to train", len(runs), len(runs) - len(todo), len(todo))
+    report = _write_report(sweep, command_line, runs, outcomes)
+    for index, run in enumerate(todo, 1):
+        logger.info("[%d/%d] training %s", index, len(todo), run.run_id)
+        started = time.monotonic()
+        outcomes[run.run_id] = run_one(sweep, run)
+        logger.info("[%d/%d] %s: %s in %.0f s %s", index, len(todo), run.run_id, outcomes[run.run_id].status,
+                    time.monotonic() - started, outcomes[run.run_id].detail)
+        report = _write_report(sweep, command_line, runs, outcomes)  # progress is visible mid-sweep
+    return report
+
+
+def _write_report(sweep: Sweep, command_line: str, runs: Sequence[Run], outcomes: dict[str, Outcome]) -> dict[str, Any]:
+    header = {
+        "command": command_line,
+        "config": str(sweep.config),
+        "grid": {axis.key: list(axis.values) for axis in sweep.axes},
+        "set": dict(sweep.fixed),
+        "methods": list(sweep.methods),
+        "seeds": list(sweep.seeds),
+    }
+    report = build_sweep_report(header, runs, outcomes, sweep.methods, {run.run_id: sweep.run_dir(run) for run in runs})
+    write_sweep_report(sweep.output, report)
+    return report
+
+
+def _last_line(path: Path) -> str:
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    return lines[-1].strip() if lines else "(no output)"

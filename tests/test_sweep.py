@@ -1,0 +1,310 @@
+"""monte-ds sweep: statistics against hand-computed values, grid expansion, plan-only, restart
+skipping, failure accounting and plots.
+
+The orchestration tests drive the sweep with `--launcher` pointing at a small script that obeys
+`monte-ds train`'s contract (exit codes, metrics.json, config.json, report/report.json built by the
+evaluation module's own `build_report`), so each run takes milliseconds; test_sweep_e2e.py runs
+the real training CLI.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shlex
+import sys
+from pathlib import Path
+
+import matplotlib.image
+import pytest
+
+from monte_ds.cli import main as monte_ds
+from monte_ds.errors import UserError
+from monte_ds.evaluation.report import build_report
+from monte_ds.sweep.grid import GridAxis, expand, parse_grid_axis, train_command
+from monte_ds.sweep.outcomes import Metric, read_outcome, report_scores
+from monte_ds.sweep.stats import paired_test, summarize
+
+# --- statistics -----------------------------------------------------------------------------
+
+
+def test_summary_of_an_extrinsic_metric():
+    s = summarize([0.5, 0.7, 0.6, 0.9], higher_is_better=True)
+    assert (s.n, s.n_failed, s.best, s.worst) == (4, 0, 0.9, 0.5)
+    assert s.median == pytest.approx(0.65) and s.robustness == pytest.approx(0.65)  # eq. 3
+    assert s.spread == pytest.approx(0.4)
+
+
+def test_summary_of_an_intrinsic_metric_is_one_over_the_median():
+    s = summarize([2.0, 5.0, 4.0], higher_is_better=False)
+    assert (s.best, s.worst, s.median, s.spread) == (2.0, 5.0, 4.0, 3.0)
+    assert s.robustness == pytest.approx(0.25)  # eq. 2
+
+
+def test_a_failed_run_ranks_below_every_finished_run():
+    s = summarize([0.5, None, 0.7], higher_is_better=True)
+    assert (s.n, s.n_failed, s.best, s.median) == (3, 1, 0.7, 0.5)
+    assert s.worst == -math.inf and s.spread == math.inf
+
+
+def test_a_median_on_failures_makes_intrinsic_robustness_zero():
+    s = summarize([2.0, 4.0, None, None], higher_is_better=False)
+    assert s.best == 2.0 and s.median == math.inf and s.robustness == 0.0
+
+
+def test_all_runs_failed():
+    s = summarize([None, None], higher_is_better=True)
+    assert s.n_failed == 2 and s.best == -math.inf and math.isnan(s.spread)
+
+
+def test_wilcoxon_against_the_exact_distribution():
+    # differences 1, -0.2, 2, 3, 1.5: ranks 2, 1, 4, 5, 3; W- = 1; P(T <= 1 | n=5) = 2/32, two-sided 4/32.
+    test = paired_test([6, 7, 8, 9, 5.5], [5, 7.2, 6, 6, 4], higher_is_better=True)
+    assert (test.n_pairs, test.a_better, test.b_better, test.ties) == (5, 4, 1, 0)
+    assert test.statistic == 1.0 and test.p_value == pytest.approx(4 / 32)
+
+
+def test_wilcoxon_orients_lower_is_better_metrics():
+    test = paired_test([5, 7.2, 6, 6, 4], [6, 7, 8, 9, 5.5], higher_is_better=False)
+    assert (test.a_better, test.b_better) == (4, 1) and test.p_value == pytest.approx(4 / 32)
+
+
+def test_wilcoxon_counts_a_failure_as_the_largest_loss_and_double_failures_as_ties():
+    # A failed on the first pair: rank 6 for B; A wins the other five by ranks 1..5. W- = 6:
+    # 14 of the 64 sign patterns have T <= 6, two-sided p = 28/64. The last pair failed on both sides.
+    test = paired_test([None, 1, 2, 3, 4, 5, None], [1, 0, 0, 0, 0, 0, None], higher_is_better=True)
+    assert (test.n_pairs, test.a_better, test.b_better, test.ties) == (7, 5, 1, 1)
+    assert test.statistic == 6.0 and test.p_value == pytest.approx(28 / 64)
+
+
+def test_wilcoxon_is_undefined_when_every_pair_ties():
+    test = paired_test([0.5, None], [0.5, None], higher_is_better=True)
+    assert test.ties == 2 and test.statistic is None and test.p_value is None
+
+
+# --- grid -----------------------------------------------------------------------------------
+
+
+def test_grid_expands_every_method_point_and_seed_with_matched_pairs():
+    axes = [parse_grid_axis("training.learning_rate=3e-4,3e-5"), parse_grid_axis("training.per_device_train_batch_size=8,16,32")]
+    runs = expand(axes, ["lora", "monteclora"], [0, 1])
+    assert len(runs) == 2 * 3 * 2 * 2 and len({run.run_id for run in runs}) == len(runs)
+    assert runs[0].run_id == "lora/learning_rate=3e-4__per_device_train_batch_size=8__seed=0"
+    by_method = {m: [run.match_key for run in runs if run.method == m] for m in ("lora", "monteclora")}
+    assert by_method["lora"] == by_method["monteclora"]  # every lora run has its monteclora pair
+    assert len(set(by_method["lora"])) == 12
+
+
+def test_train_command_sets_the_point_method_seed_and_output(tmp_path):
+    axes = [GridAxis("training.learning_rate", ("1e-3",)), GridAxis("adapter.r", ("4",))]
+    (run,) = expand(axes, ["monteclora"], [7])
+    command = train_command(["monte-ds", "train"], tmp_path / "base.json", [("training.max_steps", "5")], run, tmp_path / "out")
+    sets = [command[i + 1] for i, arg in enumerate(command) if arg == "--set"]
+    assert command[:4] == ["monte-ds", "train", "--config", str(tmp_path / "base.json")]
+    assert sets == ["training.max_steps=5", "training.learning_rate=1e-3", "adapter.r=4", "adapter.method=monteclora",
+                    "training.seed=7", f"training.output_dir={tmp_path / 'out'}"]
+
+
+def test_ambiguous_axis_names_use_the_whole_key():
+    axes = [GridAxis("training.seed_offset", ("1",)), GridAxis("adapter.r", ("4",)), GridAxis("model.r", ("2",))]
+    (run,) = expand(axes, ["lora"], [0])
+    assert run.run_id == "lora/seed_offset=1__adapter.r=4__model.r=2__seed=0"
+
+
+@pytest.mark.parametrize("text", ["training.learning_rate", "=1,2", "training.learning_rate=1,,2", "a..b=1", "x=1,1"])
+def test_malformed_grid_axes_are_user_errors(text):
+    with pytest.raises(UserError, match="--grid"):
+        parse_grid_axis(text)
+
+
+# --- the command line, driven by a stand-in for `monte-ds train` ----------------------------
+
+FAKE_TRAIN = r'''
+"""Obeys monte-ds train's contract; the score is a function of the overrides."""
+import json, sys
+from pathlib import Path
+args = dict(a.split("=", 1) for a in sys.argv[1:] if "=" in a)
+out = Path(args["training.output_dir"])
+with open(sys.argv[1], "a") as calls:
+    calls.write(args["training.output_dir"] + "\n")
+lr = args["training.learning_rate"]
+if lr == "reject":
+    print("monte-ds: error: training.learning_rate: must be a number", file=sys.stderr); sys.exit(2)
+if lr == "crash":
+    sys.exit(1)
+out.mkdir(parents=True, exist_ok=True)
+(out / "config.json").write_text(json.dumps({"eval": {"suites": ["gsm8k"]}}))
+if lr == "nan":
+    (out / "metrics.json").write_text(json.dumps({"status": "diverged", "global_step": 3}))
+    sys.exit(3)
+bs = int(args["training.per_device_train_batch_size"])
+score = float(lr) * bs
+if args["adapter.method"] == "monteclora":  # better by a margin distinct for every pair: no ties in the test
+    score += 0.5 * score + 0.01 * bs
+report = json.loads(Path(sys.argv[2]).read_text())
+report["lm_eval"]["results"]["gsm8k"]["exact_match,strict-match"] = score
+(out / "report").mkdir()
+(out / "report" / "report.json").write_text(json.dumps(report))
+(out / "metrics.json").write_text(json.dumps({"status": "completed", "global_step": 5, "train_loss": 1.0}))
+'''
+
+
+@pytest.fixture
+def fake_train(tmp_path) -> tuple[str, Path]:
+    """(--launcher value, file listing every launched output dir)."""
+    script, calls, template = tmp_path / "fake_train.py", tmp_path / "calls.txt", tmp_path / "report.json"
+    script.write_text(FAKE_TRAIN)
+    template.write_text(json.dumps(build_report(
+        {"results": {"gsm8k": {"alias": "gsm8k", "exact_match,strict-match": 0.0, "exact_match_stderr,strict-match": 0.0}},
+         "higher_is_better": {"gsm8k": {"exact_match": True}}},
+        calibration={}, predictive=None, options={}, metadata={}, figure_files=[],
+    )))
+    calls.touch()
+    return shlex.join([sys.executable, str(script), str(calls), str(template)]), calls
+
+
+@pytest.fixture
+def base_config(tmp_path) -> Path:
+    path = tmp_path / "base.json"
+    path.write_text(json.dumps({"training": {"max_steps": 5}}))
+    return path
+
+
+def sweep_args(config: Path, output: Path, launcher: str, lrs: str = "0.1,0.2,crash,nan") -> list[str]:
+    return ["sweep", "--config", str(config), "--grid", f"training.learning_rate={lrs}",
+            "--grid", "training.per_device_train_batch_size=1,2", "--output", str(output), "--launcher", launcher]
+
+
+def test_plan_only_prints_one_command_per_run_and_runs_nothing(tmp_path, base_config, fake_train, capsys):
+    launcher, calls = fake_train
+    output = tmp_path / "sweep"
+    assert monte_ds([*sweep_args(base_config, output, launcher), "--seeds", "0,1", "--plan-only"]) == 0
+    commands = [shlex.split(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(commands) == 4 * 2 * 2 * 2
+    assert all(command[: len(shlex.split(launcher))] == shlex.split(launcher) for command in commands)
+    run_dir = output / "runs" / "monteclora" / "learning_rate=nan__per_device_train_batch_size=2__seed=1"
+    (command,) = [c for c in commands if f"training.output_dir={run_dir}" in c]
+    assert command[-10:-2] == ["--set", "training.learning_rate=nan", "--set", "training.per_device_train_batch_size=2",
+                               "--set", "adapter.method=monteclora", "--set", "training.seed=1"]
+    assert command[command.index("--config") + 1] == str(base_config)
+    assert not output.exists() and calls.read_text() == ""
+
+
+def test_sweep_records_failures_writes_the_report_and_restarts_only_unfinished_runs(tmp_path, base_config, fake_train):
+    launcher, calls = fake_train
+    output = tmp_path / "sweep"
+    assert monte_ds(sweep_args(base_config, output, launcher)) == 0
+    assert len(calls.read_text().splitlines()) == 16
+
+    report = json.loads((output / "sweep.json").read_text())
+    assert report["counts"] == {m: {"completed": 4, "diverged": 2, "failed": 2, "pending": 0} for m in ("lora", "monteclora")}
+    (section,) = report["metrics"]
+    assert (section["task"], section["metric"], section["higher_is_better"]) == ("gsm8k", "exact_match,strict-match", True)
+    lora = section["methods"]["lora"]
+    # Finished scores lr*bs: 0.1, 0.2, 0.2, 0.4; four failed runs rank below them.
+    assert (lora["n"], lora["n_failed"], lora["best"]) == (8, 4, pytest.approx(0.4))
+    assert lora["worst"] is None and lora["spread"] is None and lora["median"] is None  # -inf / inf in JSON
+    assert section["methods"]["monteclora"]["best"] == pytest.approx(0.62)
+    (comparison,) = section["comparisons"]
+    assert (comparison["a"], comparison["b"], comparison["n_pairs"]) == ("lora", "monteclora", 8)
+    assert (comparison["a_better"], comparison["b_better"], comparison["ties"]) == (0, 4, 4)
+    assert comparison["p_value"] == pytest.approx(2 / 16)  # all four untied pairs favour B: exact 2 * (1/2)^4
+
+    statuses = {run["run_id"]: run["status"] for run in report["runs"]}
+    assert statuses["lora/learning_rate=crash__per_device_train_batch_size=1__seed=0"] == "failed"
+    assert statuses["monteclora/learning_rate=nan__per_device_train_batch_size=2__seed=0"] == "diverged"
+    plot = output / section["plot"]
+    assert matplotlib.image.imread(plot).ndim == 3
+    markdown = (output / "sweep.md").read_text()
+    assert "| lora | 8 | 4 | 0.4 | failed | failed | ∞ |" in markdown and section["plot"] in markdown
+
+    # A restart trains only the crashed runs: completed and diverged runs are results.
+    calls.write_text("")
+    assert monte_ds(sweep_args(base_config, output, launcher)) == 0
+    relaunched = [str(Path(line).relative_to(output / "runs")) for line in calls.read_text().splitlines()]
+    assert relaunched == [f"{method}/learning_rate=crash__per_device_train_batch_size={bs}__seed=0"
+                          for method in ("lora", "monteclora") for bs in (1, 2)]
+
+
+def test_report_only_leaves_unfinished_runs_pending(tmp_path, base_config, fake_train):
+    launcher, calls = fake_train
+    output = tmp_path / "sweep"
+    assert monte_ds([*sweep_args(base_config, output, launcher, lrs="0.1,0.2"), "--methods", "lora"]) == 0
+    calls.write_text("")
+    assert monte_ds([*sweep_args(base_config, output, launcher, lrs="0.1,0.2,0.3"), "--methods", "lora", "--report-only"]) == 0
+    report = json.loads((output / "sweep.json").read_text())
+    assert calls.read_text() == ""
+    assert report["counts"]["lora"] == {"completed": 4, "diverged": 0, "failed": 0, "pending": 2}
+    assert report["metrics"][0]["methods"]["lora"]["n"] == 4
+
+
+def test_a_config_the_trainer_rejects_stops_the_sweep(tmp_path, base_config, fake_train, capsys):
+    launcher, _ = fake_train
+    assert monte_ds(sweep_args(base_config, tmp_path / "sweep", launcher, lrs="reject")) == 2
+    assert "training.learning_rate: must be a number" in capsys.readouterr().err
+
+
+def test_a_restart_with_another_base_config_is_refused(tmp_path, base_config, fake_train, capsys):
+    launcher, _ = fake_train
+    output = tmp_path / "sweep"
+    assert monte_ds([*sweep_args(base_config, output, launcher, lrs="0.1"), "--methods", "lora"]) == 0
+    assert monte_ds([*sweep_args(base_config, output, launcher, lrs="0.1"), "--methods", "lora", "--set", "training.max_steps=9"]) == 2
+    assert "--output" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--grid", "training.seed=1,2"], "--grid: training.seed is set by the sweep"),
+        (["--set", "training.learning_rate=1"], "training.learning_rate is given more than once"),
+        (["--seeds", "0,x"], "--seeds"),
+        (["--methods", "lora,,monteclora"], "--methods"),
+        (["--plan-only", "--report-only"], "not allowed with"),
+    ],
+)
+def test_bad_flags_are_one_line_user_errors(tmp_path, base_config, fake_train, capsys, extra, message):
+    launcher, _ = fake_train
+    assert monte_ds([*sweep_args(base_config, tmp_path / "sweep", launcher, lrs="0.1"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_missing_config_is_a_user_error(tmp_path, capsys):
+    assert monte_ds(["sweep", "--config", str(tmp_path / "nope.json"), "--output", str(tmp_path)]) == 2
+    assert "--config: no such file" in capsys.readouterr().err
+
+
+# --- reading a run ---------------------------------------------------------------------------
+
+
+def test_report_scores_reads_lm_eval_metrics_and_calibration():
+    report = build_report(
+        {
+            "results": {
+                "arc_easy": {"alias": "arc_easy", "acc,none": 0.6, "acc_stderr,none": 0.01, "acc_norm,none": 0.62},
+                "gsm8k": {"exact_match,strict-match": 0.3, "exact_match,flexible-extract": 0.35},
+            },
+            "higher_is_better": {"arc_easy": {"acc": True, "acc_norm": True}, "gsm8k": {"exact_match": True}},
+        },
+        calibration={"arc_easy": {"nll": 0.9, "nll_stderr": 0.02, "ece": 0.05}},
+        predictive=None, options={}, metadata={}, figure_files=[],
+    )
+    scores = report_scores(report)
+    assert scores == {
+        Metric("arc_easy", "acc,none", True): 0.6,
+        Metric("arc_easy", "acc_norm,none", True): 0.62,
+        Metric("gsm8k", "exact_match,strict-match", True): 0.3,
+        Metric("gsm8k", "exact_match,flexible-extract", True): 0.35,
+        Metric("arc_easy", "nll", False): 0.9,
+        Metric("arc_easy", "ece", False): 0.05,
+    }
+    assert Metric("gsm8k", "exact_match,strict-match", True).label == "exact_match (strict-match)"
+    assert Metric("arc_easy", "acc,none", True).label == "acc"
+
+
+def test_a_completed_run_without_its_configured_report_is_not_finished(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"eval": {"suites": ["gsm8k"]}}))
+    (tmp_path / "metrics.json").write_text(json.dumps({"status": "completed"}))
+    assert read_outcome(tmp_path).status == "pending"
+    (tmp_path / "config.json").write_text(json.dumps({"eval": {"suites": []}}))
+    assert read_outcome(tmp_path).status == "completed"
