@@ -1,0 +1,97 @@
+"""The evaluation options: the training config's `eval` section and `monte-ds eval`'s flags.
+
+`EvalOptions` is the single source of the accepted keys, their types, bounds and defaults:
+`evaluate(**options)` validates with it, `monte-ds eval` derives its flags from it, and the
+training config schema embeds `EvalOptions.json_schema()`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import jsonschema
+
+from monte_ds.errors import UserError
+
+
+def _option(default: Any = None, help: str = "", **bounds: Any) -> Any:
+    """A dataclass field carrying its help text and JSON-schema bounds (e.g. minimum=1)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, "bounds": bounds})
+    return field(default=default, metadata={"help": help, "bounds": bounds})
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """What to evaluate and how; the defaults reproduce lm-eval's stock settings."""
+
+    suites: list[str] = _option(
+        [], "suites (gsm8k, humaneval, commonsense) or individual task names; empty: no evaluation"
+    )
+    data_dir: str | None = _option(
+        None, "offline data: <data_dir>/<task>/<split>.jsonl (docs/evaluation.md); unset: the hub datasets"
+    )
+    limit: int | None = _option(None, "evaluate only the first N documents of each task (smoke tests)", minimum=1)
+    num_fewshot: int | None = _option(None, "few-shot examples per prompt; unset: each task's default", minimum=0)
+    batch_size: int = _option(8, "lm-eval batch size", minimum=1)
+    apply_chat_template: bool = _option(False, "format prompts with the tokenizer's chat template")
+    allow_code_execution: bool = _option(
+        False, "run model-generated code against HumanEval's tests (required for humaneval)"
+    )
+    humaneval_samples: int = _option(4, "sampled completions per HumanEval problem (n of pass@k)", minimum=1)
+    max_gen_toks: int | None = _option(None, "generation length cap; unset: each task's default", minimum=1)
+    predictive_samples: int = _option(
+        0, "K posterior draws of a MonteCLoRA adapter averaged on the multiple-choice tasks; 0: off", minimum=0
+    )
+    seed: int = _option(1234, "seed of lm-eval's python/numpy/torch RNGs and few-shot sampling", minimum=0)
+
+    @classmethod
+    def from_kwargs(
+        cls, options: Mapping[str, Any], name: Callable[[str], str] = lambda key: key
+    ) -> EvalOptions:
+        """Validate `options` (unknown keys, types, bounds); errors name the key via `name(key)`."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in options:
+            if key not in known:
+                raise UserError(f"{name(key)}: unknown evaluation option (known: {', '.join(sorted(known))})")
+        error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(cls.json_schema()).iter_errors(dict(options)))
+        if error is not None:
+            key = str(error.absolute_path[0]) if error.absolute_path else "options"
+            raise UserError(f"{name(key)}: {error.message}")
+        return cls(**options)
+
+    @classmethod
+    def json_schema(cls) -> dict[str, Any]:
+        """JSON schema of the options object, with defaults, for config validation and docs."""
+        hints = typing.get_type_hints(cls)
+        properties = {}
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            properties[f.name] = {
+                **_json_type(hints[f.name]),
+                **f.metadata["bounds"],
+                "default": default,
+                "description": f.metadata["help"],
+            }
+        return {"type": "object", "properties": properties, "additionalProperties": False}
+
+
+_JSON_TYPES = {bool: "boolean", int: "integer", str: "string", float: "number"}
+
+
+def _json_type(hint: Any) -> dict[str, Any]:
+    """The JSON-schema type of a field annotation (scalars, list[...] and X | None)."""
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        members = [_json_type(arg) for arg in args if arg is not type(None)]
+        if len(members) != 1 or "items" in members[0]:
+            raise TypeError(f"unsupported option type {hint}")
+        return {"type": [members[0]["type"], "null"]}
+    if typing.get_origin(hint) is list:
+        return {"type": "array", "items": _json_type(args[0])}
+    return {"type": _JSON_TYPES[hint]}

@@ -1,0 +1,132 @@
+"""The evaluation tasks: lm-eval definitions in `evals/`, suites, and where their data comes from.
+
+The task YAMLs are ours, not lm-eval's stock ones, so scores do not move when lm-eval
+edits a prompt. Online, each task reads its hub dataset; offline (`data_dir`), the same
+rows come from `<data_dir>/<task>/<split>.jsonl` through lm-eval's `json` dataset path.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import datasets
+from lm_eval.api.task import Task
+from lm_eval.tasks import TaskManager
+from lm_eval.tasks._index import Kind
+from lm_eval.tasks._yaml_loader import load_yaml
+
+from monte_ds.errors import UserError
+from monte_ds.evaluation import humaneval
+
+logger = logging.getLogger(__name__)
+
+EVALS_DIR = Path(__file__).resolve().parents[2] / "evals"
+# The order lm-eval falls back through when a task names no fewshot_split.
+FEWSHOT_SPLIT_ORDER = ("fewshot_split", "training_split", "validation_split", "test_split")
+DATA_LOAD_ERRORS = (
+    OSError,
+    ConnectionError,
+    datasets.exceptions.DatasetNotFoundError,
+    datasets.exceptions.DatasetGenerationError,
+)
+
+
+def task_manager() -> TaskManager:
+    """An lm-eval TaskManager over `evals/` only: fast to index and immune to stock-task edits."""
+    if not EVALS_DIR.is_dir():
+        raise UserError(f"suites: task definitions not found at {EVALS_DIR} (monte-ds installed without evals/)")
+    return TaskManager(include_path=str(EVALS_DIR), include_defaults=False)
+
+
+def expand_suites(manager: TaskManager, suites: list[str]) -> list[str]:
+    """Suite and task names -> task names, in order, each once."""
+    if not suites:
+        raise UserError("suites: name at least one suite or task")
+    index = manager.task_index
+    names: list[str] = []
+    for suite in suites:
+        entry = index.get(suite)
+        if entry is None or entry.kind not in (Kind.GROUP, Kind.TASK):
+            known = ", ".join(manager.all_groups + manager.all_subtasks)
+            raise UserError(f"suites: unknown suite or task {suite!r} (known: {known})")
+        members = entry.cfg["task"] if entry.kind is Kind.GROUP else [suite]
+        names += [name for name in members if name not in names]
+    return names
+
+
+def effective_fewshot(config: dict[str, Any], num_fewshot: int | None) -> int:
+    """The shots lm-eval will use: a task fixed at 0 stays 0, else the override, else its default."""
+    default = config.get("num_fewshot")
+    if default == 0 or num_fewshot is None:
+        return default or 0
+    return num_fewshot
+
+
+def offline_files(config: dict[str, Any], task_dir: Path, shots: int) -> dict[str, Path]:
+    """The split files a task reads offline: its evaluation split, and its few-shot split if shots > 0."""
+    eval_split = config.get("test_split") or config.get("validation_split")
+    splits = [eval_split]
+    if shots > 0:
+        splits.append(next(config[key] for key in FEWSHOT_SPLIT_ORDER if config.get(key)))
+    return {split: task_dir / f"{split}.jsonl" for split in splits}
+
+
+def _read_offline(config: dict[str, Any], files: dict[str, Path]) -> dict[str, Any]:
+    """`config` reading `files` through the json builder; splits without a file are dropped."""
+    config = dict(config, dataset_path="json", dataset_name=None)
+    config["dataset_kwargs"] = {"data_files": {split: str(path) for split, path in files.items()}}
+    for key in FEWSHOT_SPLIT_ORDER:
+        if config.get(key) not in files:
+            config[key] = None
+    return config
+
+
+def task_configs(
+    manager: TaskManager, names: list[str], data_dir: str | None, num_fewshot: int | None, humaneval_samples: int
+) -> dict[str, dict[str, Any]]:
+    """Resolved task configs; offline, first checks that every data file exists.
+
+    Raises one `UserError` listing, per task, exactly the files that are missing.
+    """
+    configs, missing = {}, {}
+    for name in names:
+        config = load_yaml(manager.task_index[name].yaml_path, resolve_func=True)
+        if name == humaneval.TASK:
+            config = humaneval.with_samples(config, humaneval_samples)
+        elif data_dir is not None:
+            files = offline_files(config, Path(data_dir) / name, effective_fewshot(config, num_fewshot))
+            absent = [str(path) for path in files.values() if not path.is_file()]
+            if absent:
+                missing[name] = absent
+            config = _read_offline(config, files)
+        configs[name] = config
+    if missing:
+        listing = "; ".join(f"{name}: {', '.join(paths)}" for name, paths in missing.items())
+        raise UserError(f"data_dir: missing data files (layout in docs/evaluation.md) -- {listing}")
+    return configs
+
+
+def load_tasks(
+    manager: TaskManager, configs: dict[str, dict[str, Any]], num_fewshot: int | None
+) -> dict[str, Task]:
+    """Build the lm-eval tasks (this loads their datasets) and check there are enough few-shot examples."""
+    tasks = {}
+    for name, config in configs.items():
+        try:
+            task = manager.load(config)["tasks"][name]
+        except DATA_LOAD_ERRORS as err:
+            source = config.get("dataset_kwargs", {}).get("data_files") or config.get("dataset_path")
+            raise UserError(f"data_dir: cannot load {name} from {source}: {err}".splitlines()[0]) from err
+        shots = effective_fewshot(config, num_fewshot)
+        if shots and len(task.fewshot_docs()) < shots:
+            raise UserError(
+                f"num_fewshot: {name} uses {shots} few-shot examples but its few-shot split has {len(task.fewshot_docs())}"
+            )
+        tasks[name] = task
+    return tasks
+
+
+def is_multiple_choice(task: Task) -> bool:
+    return task.OUTPUT_TYPE == "multiple_choice"
