@@ -1,0 +1,83 @@
+"""`monte-ds eval`: load a model (and adapter), run the suites, write the report.
+
+The evaluation flags are derived from `EvalOptions`, so the command, the Python API and
+the training config's `eval` section accept the same options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+import torch
+
+from monte_ds.errors import UserError
+from monte_ds.evaluation.loading import DTYPES, load_model
+from monte_ds.evaluation.options import EvalOptions
+from monte_ds.evaluation.runner import evaluate, plan_evaluation
+
+OPTION_FIELDS = {f.name: f for f in dataclasses.fields(EvalOptions)}
+# Keys that errors from `evaluate` name and that the command takes as flags.
+FLAGGED_KEYS = {*OPTION_FIELDS, "training_log"}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one-line `UserError`s (exit 2 through the CLI dispatcher)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UserError(message)
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _comma_list(value: str) -> list[str]:
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="monte-ds eval", description="Evaluate a causal LM (optionally with an adapter) and write a report.")
+    parser.add_argument("--model", required=True, help="base model: local path or hub id")
+    parser.add_argument("--adapter", help="monte-ds adapter (save_adapter) or plain peft adapter directory")
+    parser.add_argument("--load-in-4bit", action="store_true", help="quantize the base to nf4 (bitsandbytes, double quant)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="auto", help="weights dtype (auto: the checkpoint's)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--output", required=True, help="report directory (replaced whole)")
+    parser.add_argument("--training-log", help="JSON file with the Trainer's log_history (plots the training curves)")
+    hints = typing.get_type_hints(EvalOptions)
+    for name, field in OPTION_FIELDS.items():
+        kwargs: dict[str, Any] = {"help": field.metadata["help"], "default": argparse.SUPPRESS}
+        hint = hints[name]
+        if hint is bool:
+            kwargs["action"] = "store_true"
+        elif typing.get_origin(hint) is list:
+            kwargs["type"] = _comma_list
+        else:
+            kwargs["type"] = next(arg for arg in (*typing.get_args(hint), hint) if arg in (int, str))
+        parser.add_argument(flag(name), required=name == "suites", **kwargs)
+    return parser
+
+
+def _as_flag(err: UserError) -> UserError:
+    """An option error names the flag the user typed rather than the option key."""
+    key, sep, rest = str(err).partition(":")
+    return UserError(f"{flag(key)}:{rest}") if sep and key in FLAGGED_KEYS else err
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = vars(build_parser().parse_args(argv))
+    options = {name: args.pop(name) for name in OPTION_FIELDS if name in args}
+    try:
+        plan_evaluation(options, args["training_log"])  # every check that needs no model, before the (slow) load
+        model, tokenizer, metadata = load_model(
+            args["model"], args["adapter"], args["load_in_4bit"], args["dtype"], args["device"]
+        )
+        result = evaluate(model, tokenizer, args["output"], training_log=args["training_log"], metadata=metadata, **options)
+    except UserError as err:
+        raise _as_flag(err) from None
+    print(f"report: {args['output']} ({len(result['tasks'])} tasks)")
+    return 0
