@@ -127,15 +127,13 @@ def test_lm_eval_itself_refuses_humaneval_without_confirmation(model, tokenizer,
     from monte_ds.evaluation import plan_evaluation
     from monte_ds.evaluation.options import EvalOptions
     from monte_ds.evaluation.runner import run_harness
-    from monte_ds.evaluation.tasks import load_tasks
 
     executed = []
     monkeypatch.setattr(humaneval, "check_correctness", lambda *args: executed.append(args))
     plan = plan_evaluation({"suites": ["humaneval"], "allow_code_execution": True})
-    tasks = load_tasks(plan.manager, plan.configs, None)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1)
     with pytest.raises(ValueError, match="unsafe"):
-        run_harness(lm, plan.manager, tasks, EvalOptions(suites=["humaneval"], limit=1, max_gen_toks=4))
+        run_harness(lm, plan.manager, plan.tasks, EvalOptions(suites=["humaneval"], limit=1, max_gen_toks=4))
     assert executed == []
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from monte_ds.errors import UserError
-from monte_ds.evaluation import plan_evaluation
+from monte_ds.evaluation import EvalOptions, plan_evaluation, validate_options
 from monte_ds.evaluation.tasks import expand_suites, load_tasks, task_configs, task_manager
 
 FIXTURES = Path(__file__).parent / "fixtures" / "eval"
@@ -45,7 +45,7 @@ def test_missing_data_is_one_error_listing_exactly_the_missing_files_per_task(tm
         (tmp_path / present).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(FIXTURES / present, tmp_path / present)
     with pytest.raises(UserError) as raised:
-        plan_evaluation({"suites": ["gsm8k", "commonsense"], "data_dir": str(tmp_path)})
+        validate_options({"suites": ["gsm8k", "commonsense"], "data_dir": str(tmp_path)})
     message = str(raised.value)
     assert message.startswith("data_dir: missing data files") and "\n" not in message
     assert missing_files(message) == {
@@ -62,21 +62,25 @@ def test_missing_data_is_one_error_listing_exactly_the_missing_files_per_task(tm
 def test_the_files_needed_follow_the_number_of_shots(tmp_path, manager):
     (tmp_path / "arc_easy").mkdir()
     shutil.copy(FIXTURES / "arc_easy/test.jsonl", tmp_path / "arc_easy/test.jsonl")
-    zero_shot = plan_evaluation({"suites": ["arc_easy", "gsm8k"], "data_dir": str(FIXTURES), "num_fewshot": 0})
-    assert zero_shot.configs["gsm8k"]["dataset_kwargs"]["data_files"] == {"test": str(FIXTURES / "gsm8k/test.jsonl")}
-    assert zero_shot.configs["gsm8k"]["training_split"] is None
+    zero_shot = task_configs(manager, ["gsm8k"], str(FIXTURES), 0, 1)["gsm8k"]
+    assert zero_shot["dataset_kwargs"]["data_files"] == {"test": str(FIXTURES / "gsm8k/test.jsonl")}
+    assert zero_shot["training_split"] is None and zero_shot["fewshot_split"] is None
+    assert validate_options({"suites": ["arc_easy"], "data_dir": str(tmp_path)}) == EvalOptions(
+        suites=["arc_easy"], data_dir=str(tmp_path)
+    )
     with pytest.raises(UserError) as raised:
-        plan_evaluation({"suites": ["arc_easy"], "data_dir": str(tmp_path), "num_fewshot": 2})
+        validate_options({"suites": ["arc_easy"], "data_dir": str(tmp_path), "num_fewshot": 2})
     assert missing_files(str(raised.value)) == {"arc_easy": [str(tmp_path / "arc_easy/train.jsonl")]}
 
 
 def test_humaneval_needs_no_data_dir_and_the_opt_in():
     with pytest.raises(UserError, match="^allow_code_execution: humaneval runs model-generated code"):
-        plan_evaluation({"suites": ["humaneval"]})
+        validate_options({"suites": ["humaneval"]})
     plan = plan_evaluation({"suites": ["humaneval"], "allow_code_execution": True, "humaneval_samples": 2,
                             "data_dir": "/nonexistent"})
-    assert plan.configs["humaneval"]["repeats"] == 2
-    assert plan.configs["humaneval"]["metric_list"][0]["k"] == [1, 2]
+    task = plan.tasks["humaneval"]
+    assert len(task.eval_docs) == 164
+    assert task.config.repeats == 2 and task.config.metric_list[0]["k"] == [1, 2]
 
 
 def test_every_fixture_loads_in_its_real_format(manager):

@@ -17,7 +17,7 @@ import torch
 from monte_ds.errors import UserError
 from monte_ds.evaluation.loading import DTYPES, load_model
 from monte_ds.evaluation.options import EvalOptions
-from monte_ds.evaluation.runner import evaluate, plan_evaluation
+from monte_ds.evaluation.runner import plan_evaluation, run_plan
 
 OPTION_FIELDS = {f.name: f for f in dataclasses.fields(EvalOptions)}
 # Keys that errors from `evaluate` name and that the command takes as flags.
@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--adapter", help="monte-ds adapter (save_adapter) or plain peft adapter directory")
     parser.add_argument("--load-in-4bit", action="store_true", help="quantize the base to nf4 (bitsandbytes, double quant)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="auto", help="weights dtype (auto: the checkpoint's)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--output", required=True, help="report directory (replaced whole)")
     parser.add_argument("--training-log", help="JSON file with the Trainer's log_history (plots the training curves)")
     hints = typing.get_type_hints(EvalOptions)
@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs["action"] = "store_true"
         elif typing.get_origin(hint) is list:
             kwargs["type"] = _comma_list
+            kwargs["help"] += " (comma-separated)"
         else:
             kwargs["type"] = next(arg for arg in (*typing.get_args(hint), hint) if arg in (int, str))
         parser.add_argument(flag(name), required=name == "suites", **kwargs)
@@ -72,11 +73,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
     options = {name: args.pop(name) for name in OPTION_FIELDS if name in args}
     try:
-        plan_evaluation(options, args["training_log"])  # every check that needs no model, before the (slow) load
+        plan = plan_evaluation(options, args["training_log"])  # data and checks first: the model load is slow
         model, tokenizer, metadata = load_model(
             args["model"], args["adapter"], args["load_in_4bit"], args["dtype"], args["device"]
         )
-        result = evaluate(model, tokenizer, args["output"], training_log=args["training_log"], metadata=metadata, **options)
+        result = run_plan(plan, model, tokenizer, args["output"], metadata)
     except UserError as err:
         raise _as_flag(err) from None
     print(f"report: {args['output']} ({len(result['tasks'])} tasks)")

@@ -85,28 +85,35 @@ def metric_rows(task_results: dict[str, Any]) -> list[tuple[str, str, Any, Any]]
 
 def markdown_table(report: dict[str, Any]) -> str:
     """One table, task x metric, with standard errors (and the posterior-predictive columns)."""
-    lm_eval = report["lm_eval"]
-    predictive = report["predictive"]
+    lm_eval, predictive = report["lm_eval"], report["predictive"]
     header = ["Task", "Metric", "Value", "Stderr"]
     if predictive:
         header += [f"Predictive (K={predictive['draws']})", "Stderr"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for task in report["tasks"]:
         label = f"{task} ({lm_eval['n-shot'].get(task, 0)}-shot, n={lm_eval['n-samples'][task]['effective']})"
-        drawn = predictive["tasks"].get(task) if predictive else None
-        rows = [(m if f == "none" else f"{m} ({f})", v, s, m if f == "none" else None) for m, f, v, s in metric_rows(
-            lm_eval["results"][task]
-        )]
-        calibration = report["calibration"].get(task)
-        if calibration:
-            rows += [("nll", calibration["nll"], calibration["nll_stderr"], "nll"), ("ece", calibration["ece"], None, "ece")]
-        for metric, value, stderr, predictive_key in rows:
+        drawn = predictive["tasks"].get(task, {}) if predictive else {}
+        for metric, value, stderr, calibration_key in _task_rows(lm_eval["results"][task], report["calibration"].get(task)):
             cells = [label, metric, _number(value), _number(stderr)]
             if predictive:
-                cells += [_number(drawn.get(predictive_key)) if drawn and predictive_key else "",
-                          _number(drawn.get(f"{predictive_key}_stderr")) if drawn and predictive_key else ""]
+                cells += [_number(drawn.get(calibration_key)), _number(drawn.get(f"{calibration_key}_stderr"))]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _task_rows(results: dict[str, Any], calibration: dict[str, Any] | None) -> list[tuple[str, Any, Any, str | None]]:
+    """(label, value, stderr, calibration key) per metric: lm-eval's, then the calibration ones.
+
+    The calibration key links a row to the same quantity under posterior-predictive averaging
+    (acc, nll, ece); filtered metrics (e.g. gsm8k's) have none.
+    """
+    rows = [
+        (metric, value, stderr, metric) if filter_name == "none" else (f"{metric} ({filter_name})", value, stderr, None)
+        for metric, filter_name, value, stderr in metric_rows(results)
+    ]
+    if calibration:
+        rows += [("nll", calibration["nll"], calibration["nll_stderr"], "nll"), ("ece", calibration["ece"], None, "ece")]
+    return rows
 
 
 def _number(value: Any) -> str:

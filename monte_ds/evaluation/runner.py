@@ -28,17 +28,29 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class EvalPlan:
-    """Validated options and resolved task configs: everything checkable before a model is loaded."""
+    """Everything settled before a model is needed: options, tasks with their data, training log."""
 
     options: EvalOptions
     manager: TaskManager
-    configs: dict[str, dict[str, Any]]
+    tasks: dict[str, Task]
     log_history: list[dict[str, Any]] | None
 
 
+def validate_options(options: Mapping[str, Any]) -> EvalOptions:
+    """The checks that need neither a model nor the datasets: options, suites, the
+    code-execution opt-in and (offline) the data files. Cheap, so a training run can call
+    it when it validates its config and fail before training rather than after."""
+    return _resolve(options)[0]
+
+
 def plan_evaluation(options: Mapping[str, Any], training_log: str | Path | None = None) -> EvalPlan:
-    """Validate the options, expand the suites, check the opt-in, (offline) the data files
-    and the training log."""
+    """`validate_options`, the training log, then the task datasets loaded."""
+    opts, manager, configs = _resolve(options)
+    log_history = plots.read_log_history(training_log) if training_log is not None else None
+    return EvalPlan(opts, manager, load_tasks(manager, configs, opts.num_fewshot), log_history)
+
+
+def _resolve(options: Mapping[str, Any]) -> tuple[EvalOptions, TaskManager, dict[str, dict[str, Any]]]:
     opts = EvalOptions.from_kwargs(options)
     manager = task_manager()
     names = expand_suites(manager, opts.suites)
@@ -47,9 +59,7 @@ def plan_evaluation(options: Mapping[str, Any], training_log: str | Path | None 
             "allow_code_execution: humaneval runs model-generated code against its tests; "
             "opt in with allow_code_execution=true (--allow-code-execution) or leave humaneval out"
         )
-    configs = task_configs(manager, names, opts.data_dir, opts.num_fewshot, opts.humaneval_samples)
-    log_history = plots.read_log_history(training_log) if training_log is not None else None
-    return EvalPlan(opts, manager, configs, log_history)
+    return opts, manager, task_configs(manager, names, opts.data_dir, opts.num_fewshot, opts.humaneval_samples)
 
 
 def evaluate(
@@ -64,17 +74,26 @@ def evaluate(
     """Evaluate `model` on the suites in `options` (see `EvalOptions`), write the report to
     `output_dir` and return it. The model is evaluated in eval mode (a MonteCLoRA adapter
     at its mean) and its train/eval mode is restored afterwards."""
-    plan = plan_evaluation(options, training_log)
+    return run_plan(plan_evaluation(options, training_log), model, tokenizer, output_dir, metadata)
+
+
+def run_plan(
+    plan: EvalPlan,
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    output_dir: str | Path,
+    metadata: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Run a plan on `model`: lm-eval, calibration, posterior-predictive draws, the report."""
     opts = plan.options
     if opts.predictive_samples:
         require_monteclora(model)
-    tasks = load_tasks(plan.manager, plan.configs, opts.num_fewshot)
-    multiple_choice = {name: task for name, task in tasks.items() if is_multiple_choice(task)}
+    multiple_choice = {name: task for name, task in plan.tasks.items() if is_multiple_choice(task)}
 
     was_training = model.training
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=opts.batch_size)
     try:
-        output = run_harness(lm, plan.manager, tasks, opts)
+        output = run_harness(lm, plan.manager, plan.tasks, opts)
         mean_calibration = {
             name: calibration(choice_scores(task, output["samples"][name])) for name, task in multiple_choice.items()
         }

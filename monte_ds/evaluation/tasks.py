@@ -117,8 +117,10 @@ def load_tasks(
         try:
             task = manager.load(config)["tasks"][name]
         except DATA_LOAD_ERRORS as err:
-            source = config.get("dataset_kwargs", {}).get("data_files") or config.get("dataset_path")
-            raise UserError(f"data_dir: cannot load {name} from {source}: {err}".splitlines()[0]) from err
+            offline = config.get("dataset_path") == "json"
+            source = config["dataset_kwargs"]["data_files"] if offline else config.get("dataset_path")
+            hint = "" if offline else " (offline: set data_dir, layout in docs/evaluation.md)"
+            raise UserError(f"data_dir: cannot load {name} from {source}: {str(err).splitlines()[0]}{hint}") from err
         shots = effective_fewshot(config, num_fewshot)
         if shots and len(task.fewshot_docs()) < shots:
             raise UserError(
