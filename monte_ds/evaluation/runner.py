@@ -86,9 +86,11 @@ def run_plan(
 ) -> dict[str, Any]:
     """Run a plan on `model`: lm-eval, calibration, posterior-predictive draws, the report."""
     opts = plan.options
+    multiple_choice = {name: task for name, task in plan.tasks.items() if is_multiple_choice(task)}
     if opts.predictive_samples:
         require_monteclora(model)
-    multiple_choice = {name: task for name, task in plan.tasks.items() if is_multiple_choice(task)}
+        if not multiple_choice:
+            logger.warning("predictive_samples: no multiple-choice task to average over; only the mean is reported")
 
     was_training = model.training
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=opts.batch_size)

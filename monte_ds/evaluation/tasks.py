@@ -122,10 +122,9 @@ def load_tasks(
             hint = "" if offline else " (offline: set data_dir, layout in docs/evaluation.md)"
             raise UserError(f"data_dir: cannot load {name} from {source}: {str(err).splitlines()[0]}{hint}") from err
         shots = effective_fewshot(config, num_fewshot)
-        if shots and len(task.fewshot_docs()) < shots:
-            raise UserError(
-                f"num_fewshot: {name} uses {shots} few-shot examples but its few-shot split has {len(task.fewshot_docs())}"
-            )
+        if shots and (available := len(task.fewshot_docs())) < shots:
+            raise UserError(f"num_fewshot: {name} uses {shots} few-shot examples but its few-shot split has {available}")
+        logger.info("%s: %d documents, %d-shot", name, len(task.eval_docs), shots)
         tasks[name] = task
     return tasks
 
