@@ -180,3 +180,12 @@ def test_predictive_mode_needs_a_monteclora_adapter_and_a_valid_training_log(mod
         evaluate(model, tokenizer, tmp_path / "r", training_log=tmp_path / "absent.json", suites=["piqa"],
                  data_dir=str(FIXTURES))
     assert not (tmp_path / "r").exists()
+
+
+def test_the_chat_template_option_changes_the_prompts(model, tokenizer, tmp_path):
+    nll = {}
+    for chat in (False, True):
+        report = evaluate(model, tokenizer, tmp_path / str(chat), suites=["boolq"], data_dir=str(FIXTURES), limit=2,
+                          apply_chat_template=chat)
+        nll[chat] = report["calibration"]["boolq"]["nll"]
+    assert nll[True] != pytest.approx(nll[False])

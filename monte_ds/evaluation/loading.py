@@ -22,7 +22,7 @@ DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, 
 
 
 def adapter_kind(directory: Path) -> str:
-    """"monteclora" for a `save_adapter` directory, "peft" for a plain peft adapter."""
+    """The adapter format: "monteclora" for a `save_adapter` directory, "peft" for a plain peft one."""
     if not directory.is_dir():
         raise UserError(f"--adapter: no such directory {directory}")
     if (directory / MONTECLORA_CONFIG).is_file():
