@@ -44,21 +44,18 @@ def load_model(
     """
     kind = adapter_kind(Path(adapter)) if adapter is not None else None
     torch_dtype = DTYPES[dtype]
-    kwargs: dict[str, Any] = {"dtype": torch_dtype}
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "device_map": {"": device}}  # straight onto the device
     if load_in_4bit:
         compute = torch.float32 if torch_dtype == "auto" else torch_dtype
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute
         )
-        kwargs["device_map"] = {"": device}
     try:
         base = AutoModelForCausalLM.from_pretrained(model, **kwargs)
         tokenizer_source = adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else model
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
     except OSError as err:
         raise UserError(f"--model: cannot load {model}: {err}".splitlines()[0]) from None
-    if not load_in_4bit:
-        base.to(device)
     if kind == "monteclora":
         loaded = load_adapter(base, adapter)
     elif kind == "peft":
