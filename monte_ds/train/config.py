@@ -1,0 +1,367 @@
+"""The training config: one JSON file, `--set` overrides, validation before anything is loaded.
+
+Sections: `model`, `quantization`, `adapter` (MonteCLoRAConfig fields, or `"method": "lora"`),
+`data`, `training` (TRL's SFTConfig, passed through), `distributed` (DeepSpeed or FSDP2) and
+`eval` (`monte_ds.evaluation.EvalOptions`). Every problem is a `UserError` naming the key, raised
+before the output directory is touched. Relative paths are relative to the working directory.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from trl import SFTConfig
+
+from monte_ds.config import MonteCLoRAConfig
+from monte_ds.errors import UserError
+from monte_ds.evaluation.options import EvalOptions
+from monte_ds.train import schema
+from monte_ds.train.data import BUNDLED_PREFIX, DATA_SUFFIXES, bundled_path
+
+logger = logging.getLogger(__name__)
+
+DTYPES = ["auto", "float32", "bfloat16", "float16"]
+ATTENTION = ["eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"]
+QUANTIZATION_MODES = ["none", "nf4", "fp4", "int8"]
+DATA_FORMATS = ["auto", "alpaca", "messages", "text", "prompt_completion"]
+METHODS = ["monteclora", "lora"]
+# MonteCLoRA fields that mean nothing to a plain LoRA baseline (ignored there, with a warning).
+MONTECLORA_ONLY = {
+    "n_components", "sample_scaler", "kl_weight", "dirichlet_prior", "dirichlet_init", "wishart_df",
+    "sparse_mixture", "posthoc", "sampler", "prefetch_layers",
+}
+# SFTConfig fields this recipe owns: set elsewhere in the config or by the launcher.
+TRAINING_OWNED = {
+    "deepspeed": "set it in distributed.deepspeed",
+    "fsdp": "set it in distributed.fsdp",
+    "fsdp_config": "set it in distributed.fsdp",
+    "resume_from_checkpoint": "use the --resume flag",
+    "local_rank": "the launcher sets it",
+    "do_train": "this command always trains",
+    "do_eval": "use training.eval_strategy",
+    "do_predict": "use the eval section",
+}
+FSDP_KEYS = {
+    "version": {"enum": [2]},
+    "reshard_after_forward": {"type": "boolean"},
+    "auto_wrap_policy": {"enum": ["TRANSFORMER_BASED_WRAP", "SIZE_BASED_WRAP", "NO_WRAP"]},
+    "transformer_layer_cls_to_wrap": {"type": "array", "items": {"type": "string"}},
+    "min_num_params": {"type": "integer", "minimum": 0},
+    "cpu_offload": {"type": "boolean"},
+    "cpu_ram_efficient_loading": {"type": "boolean"},
+    "state_dict_type": {"enum": ["FULL_STATE_DICT", "SHARDED_STATE_DICT"]},
+    "activation_checkpointing": {"type": "boolean"},
+}
+
+
+def _section(properties: dict[str, Any], required: Sequence[str] = ()) -> dict[str, Any]:
+    return {"type": "object", "properties": properties, "required": list(required), "additionalProperties": False}
+
+
+def config_schema() -> dict[str, Any]:
+    """The whole file's schema (the `training` and `adapter` parts come from the dataclasses)."""
+    adapter = schema.dataclass_schema(MonteCLoRAConfig)
+    adapter["properties"]["method"] = {"enum": METHODS}
+    training = schema.dataclass_schema(SFTConfig)
+    for key in TRAINING_OWNED:
+        training["properties"].pop(key, None)
+    training["required"] = ["output_dir"]
+    training["properties"]["output_dir"] = {"type": "string", "minLength": 1}
+    return _section(
+        {
+            "model": _section(
+                {
+                    "path": {"type": "string", "minLength": 1},
+                    "dtype": {"enum": DTYPES},
+                    "attn_implementation": {"enum": [*ATTENTION, None]},
+                    "revision": {"type": ["string", "null"]},
+                    "trust_remote_code": {"type": "boolean"},
+                    "build_tiny": {"type": "boolean"},
+                },
+                required=["path"],
+            ),
+            "quantization": _section(
+                {
+                    "mode": {"enum": QUANTIZATION_MODES},
+                    "double_quant": {"type": "boolean"},
+                    "compute_dtype": {"enum": DTYPES[1:]},
+                    "quant_storage": {"enum": ["auto", "uint8", *DTYPES[1:]]},
+                }
+            ),
+            "adapter": adapter,
+            "data": _section(
+                {
+                    "path": {"type": "string", "minLength": 1},
+                    "format": {"enum": DATA_FORMATS},
+                    "split": {"type": "string", "minLength": 1},
+                    "subset": {"type": ["string", "null"]},
+                    "max_samples": {"type": ["integer", "null"], "minimum": 1},
+                },
+                required=["path"],
+            ),
+            "training": training,
+            "distributed": {
+                "type": "object",
+                "properties": {
+                    "deepspeed": {"type": ["object", "string"]},
+                    "fsdp": _section(FSDP_KEYS),
+                },
+                "additionalProperties": False,
+                "maxProperties": 1,
+            },
+            "eval": EvalOptions.json_schema(),
+        },
+        required=["model", "data", "training"],
+    )
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    path: str
+    dtype: str = "auto"
+    attn_implementation: str | None = None
+    revision: str | None = None
+    trust_remote_code: bool = False
+    build_tiny: bool = False
+
+
+@dataclass(frozen=True)
+class QuantizationSection:
+    mode: str = "none"
+    double_quant: bool = False
+    compute_dtype: str = "bfloat16"
+    quant_storage: str = "auto"
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "none"
+
+
+@dataclass(frozen=True)
+class DataSection:
+    path: str
+    format: str = "auto"
+    split: str = "train"
+    subset: str | None = None
+    max_samples: int | None = None
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A validated config. `training` holds the SFTConfig keyword arguments as written."""
+
+    model: ModelSection
+    quantization: QuantizationSection
+    method: str
+    adapter: MonteCLoRAConfig
+    data: DataSection
+    training: dict[str, Any]
+    deepspeed: dict[str, Any] | None
+    fsdp: dict[str, Any] | None
+    eval: dict[str, Any]
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.training["output_dir"])
+
+    @property
+    def zero_stage(self) -> int | None:
+        return None if self.deepspeed is None else int(self.deepspeed.get("zero_optimization", {}).get("stage", 0))
+
+    @property
+    def shards_parameters(self) -> bool:
+        """ZeRO-3 and FSDP keep each parameter on one rank only."""
+        return self.zero_stage == 3 or self.fsdp is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved config: what `output_dir/config.json` holds; loading it reproduces the run."""
+        adapter = {"method": self.method, **self.adapter.to_dict()}
+        distributed = {"deepspeed": self.deepspeed} if self.deepspeed else {"fsdp": self.fsdp} if self.fsdp else {}
+        return {
+            "model": dataclasses.asdict(self.model),
+            "quantization": dataclasses.asdict(self.quantization),
+            "adapter": adapter,
+            "data": dataclasses.asdict(self.data),
+            "training": self.training,
+            "distributed": distributed,
+            "eval": self.eval,
+        }
+
+    def config_hash(self) -> str:
+        """Identifies the experiment: the resolved config minus where its outputs go."""
+        resolved = self.to_dict()
+        resolved["training"] = {k: v for k, v in resolved["training"].items() if k != "output_dir"}
+        return hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def read_config(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """The config file as a dict, with `--set dotted.key=value` overrides applied in order."""
+    raw = _read_json_object("--config", path)
+    for override in overrides:
+        apply_override(raw, override)
+    return raw
+
+
+def _read_json_object(key: str, path: str | Path) -> dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"{key}: no such file: {path}") from None
+    except json.JSONDecodeError as err:
+        raise UserError(f"{key}: {path} is not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{key}: {path} must hold a JSON object")
+    return data
+
+
+def apply_override(config: dict[str, Any], override: str) -> None:
+    """`a.b.c=value`: the value is parsed as JSON, or taken as a string when it is not JSON."""
+    key, sep, text = override.partition("=")
+    parts = key.split(".")
+    if not sep or not all(parts):
+        raise UserError(f"--set {override}: expected dotted.key=value")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = text
+    node = config
+    for depth, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(f"--set {override}: {'.'.join(parts[: depth + 1])} is not an object")
+        node = child
+    node[parts[-1]] = value
+
+
+def validate_config(raw: dict[str, Any]) -> TrainConfig:
+    """Check `raw` against the schema and the rules the schema cannot say; fill the defaults."""
+    training = raw.get("training")
+    for key in TRAINING_OWNED.keys() & (training.keys() if isinstance(training, dict) else set()):
+        raise UserError(f"training.{key}: not set here; {TRAINING_OWNED[key]}")
+    schema.validate(raw, config_schema())
+    model = ModelSection(**raw["model"])
+    quantization = QuantizationSection(**raw.get("quantization", {}))
+    data = DataSection(**raw["data"])
+    training = dict(raw["training"])
+    method, adapter = _adapter(dict(raw.get("adapter", {})), training)
+    deepspeed, fsdp = _distributed(raw.get("distributed", {}), adapter)
+    evaluation = dict(raw.get("eval", {}))
+
+    if not model.build_tiny:
+        _check_local_path("model.path", model.path)
+    if data.path.startswith(BUNDLED_PREFIX):
+        bundled_path(data.path)
+    else:
+        _check_local_path("data.path", data.path, DATA_SUFFIXES)
+    if quantization.double_quant and quantization.mode not in ("nf4", "fp4"):
+        raise UserError("quantization.double_quant: only applies to 4-bit modes (nf4, fp4)")
+    if method == "monteclora" and training.get("label_smoothing_factor", 0) > 0:
+        raise UserError(
+            "training.label_smoothing_factor: not supported with MonteCLoRA (TRL runs a second "
+            "training forward for it, which would draw different noise)"
+        )
+    if fsdp is not None and quantization.enabled and quantization.quant_storage == "uint8":
+        raise UserError("quantization.quant_storage: FSDP2 shards only floating-point storage; use bfloat16")
+    return TrainConfig(model, quantization, method, adapter, data, training, deepspeed, fsdp, evaluation)
+
+
+def _adapter(section: dict[str, Any], training: dict[str, Any]) -> tuple[str, MonteCLoRAConfig]:
+    method = section.pop("method", "monteclora")
+    if method == "lora":
+        ignored = sorted(MONTECLORA_ONLY & set(section))
+        if ignored:
+            logger.warning("adapter: method 'lora' ignores the MonteCLoRA settings %s", ", ".join(ignored))
+    # One seed drives the whole run unless the noise gets its own.
+    section.setdefault("seed", training.get("seed", _default_training_seed()))
+    try:
+        return method, MonteCLoRAConfig.from_dict(section)
+    except ValueError as err:
+        field, _, problem = str(err).partition(" ")
+        if field in section:
+            raise UserError(f"adapter.{field}: {problem}") from None
+        raise UserError(f"adapter: {err}") from None
+
+
+def _default_training_seed() -> int:
+    return next(f.default for f in dataclasses.fields(SFTConfig) if f.name == "seed")
+
+
+def _distributed(section: dict[str, Any], adapter: MonteCLoRAConfig) -> tuple[dict | None, dict | None]:
+    if "fsdp" in section:
+        return None, {"version": 2, **section["fsdp"]}
+    if "deepspeed" not in section:
+        return None, None
+    deepspeed = section["deepspeed"]
+    if isinstance(deepspeed, str):
+        deepspeed = _read_json_object("distributed.deepspeed", deepspeed)
+    return _checked_deepspeed(copy.deepcopy(deepspeed), adapter), None
+
+
+def _checked_deepspeed(deepspeed: dict[str, Any], adapter: MonteCLoRAConfig) -> dict[str, Any]:
+    """Enforce what MonteCLoRA needs from ZeRO-3 (both are adjusted, with a log line, not refused).
+
+    - `stage3_param_persistence_threshold` >= the size of v and alpha, so that ZeRO-3 keeps them
+      whole on every rank after the first step: the regulariser reads them outside the forward.
+    - `stage3_gather_16bit_weights_on_model_save`: checkpoints then hold the whole adapter,
+      not the empty files of the well-known trl/peft + ZeRO-3 bug.
+    """
+    zero = deepspeed.get("zero_optimization", {})
+    if not isinstance(zero, dict) or zero.get("stage", 0) not in (0, 1, 2, 3):
+        raise UserError("distributed.deepspeed.zero_optimization.stage: must be 0, 1, 2 or 3")
+    if "optimizer" in deepspeed:
+        raise UserError(
+            "distributed.deepspeed.optimizer: leave the optimizer to training.optim (torch optimizers "
+            "work everywhere; DeepSpeed's compiled ones need its ops built)"
+        )
+    if zero.get("stage") != 3:
+        return deepspeed
+    needed = max(adapter.r, adapter.n_components)
+    threshold = zero.get("stage3_param_persistence_threshold", 100_000)
+    if threshold != "auto" and (not isinstance(threshold, (int, float)) or threshold < needed):
+        logger.warning(
+            "distributed.deepspeed: stage3_param_persistence_threshold raised from %s to %d so that "
+            "MonteCLoRA's v and alpha stay whole on every rank",
+            threshold,
+            needed,
+        )
+        zero["stage3_param_persistence_threshold"] = needed
+    if zero.get("stage3_gather_16bit_weights_on_model_save") is not True:
+        logger.info("distributed.deepspeed: stage3_gather_16bit_weights_on_model_save set to true (complete adapters)")
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    return deepspeed
+
+
+def _check_local_path(key: str, path: str, suffixes: Sequence[str] = ()) -> None:
+    """A path that is clearly local must exist; anything else may be a hub id, checked on load."""
+    local = path.startswith((".", "/", "~")) or Path(path).suffix in suffixes
+    if local and not Path(path).expanduser().exists():
+        raise UserError(f"{key}: no such file or directory: {path}")
+
+
+def training_arguments(config: TrainConfig) -> SFTConfig:
+    """TRL's SFTConfig from the `training` section plus what the other sections decide."""
+    kwargs = copy.deepcopy(config.training)
+    kwargs.setdefault("report_to", ["tensorboard"])
+    # DeepSpeed's CPU path (tests, laptops) goes through accelerate's CPU state.
+    kwargs.setdefault("use_cpu", not torch.cuda.is_available())
+    if config.deepspeed is not None:
+        kwargs["deepspeed"] = copy.deepcopy(config.deepspeed)
+    if config.fsdp is not None:
+        kwargs.update(fsdp="full_shard", fsdp_config=dict(config.fsdp))
+    try:
+        return SFTConfig(**kwargs)
+    except (ValueError, TypeError) as err:
+        raise UserError(f"training: {str(err).strip().splitlines()[0]}") from None
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
+    return validate_config(read_config(path, overrides))

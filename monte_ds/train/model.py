@@ -1,0 +1,107 @@
+"""The model side of a run: tokenizer, base model (full precision or bitsandbytes 4/8-bit), the
+tiny LLaMA of the embedded config, and the adapter (MonteCLoRA, or plain LoRA as a baseline)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel, set_seed
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from monte_ds.atomic import atomic_directory
+from monte_ds.monteclora import get_monteclora_model
+from monte_ds.monteclora.model import lora_config
+from monte_ds.tiny import build_tiny_llama
+from monte_ds.train.config import QuantizationSection, TrainConfig
+
+logger = logging.getLogger(__name__)
+
+
+def ensure_tiny_model(path: str | Path, texts: list[str], seed: int) -> None:
+    """Build the tiny LLaMA and its tokenizer at `path` unless it is there (deterministic in
+    `texts` and `seed`; written whole or not at all, so concurrent ranks cannot see half of it)."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return
+    logger.info("building a tiny LLaMA at %s", path)
+    with atomic_directory(path) as tmp:
+        build_tiny_llama(tmp, texts, seed=seed)
+
+
+def load_tokenizer(config: TrainConfig) -> PreTrainedTokenizerBase:
+    model = config.model
+    return AutoTokenizer.from_pretrained(model.path, revision=model.revision, trust_remote_code=model.trust_remote_code)
+
+
+def quantization_config(quantization: QuantizationSection, shards_parameters: bool) -> BitsAndBytesConfig | None:
+    """bitsandbytes settings; ZeRO-3 and FSDP2 need the 4-bit storage in a float dtype to shard it."""
+    if not quantization.enabled:
+        return None
+    if quantization.mode == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    storage = quantization.quant_storage
+    if storage == "auto":
+        storage = quantization.compute_dtype if shards_parameters else "uint8"
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quantization.mode,
+        bnb_4bit_use_double_quant=quantization.double_quant,
+        bnb_4bit_compute_dtype=getattr(torch, quantization.compute_dtype),
+        bnb_4bit_quant_storage=getattr(torch, storage),
+    )
+
+
+def load_base_model(config: TrainConfig, device: torch.device, sharded: bool) -> PreTrainedModel:
+    """The base model, placed on this rank's device when quantized (bitsandbytes needs it there);
+    when `sharded` (ZeRO-3, FSDP2) the engine places and shards it."""
+    model = config.model
+    quantization = quantization_config(config.quantization, config.shards_parameters)
+    device_map = {"": device} if quantization is not None and not sharded else None
+    return AutoModelForCausalLM.from_pretrained(
+        model.path,
+        revision=model.revision,
+        trust_remote_code=model.trust_remote_code,
+        dtype=model.dtype if model.dtype == "auto" else getattr(torch, model.dtype),
+        attn_implementation=model.attn_implementation,
+        quantization_config=quantization,
+        device_map=device_map,
+    )
+
+
+def attach_adapter(
+    model: PreTrainedModel,
+    config: TrainConfig,
+    seed: int,
+    gradient_checkpointing: bool,
+    gradient_checkpointing_kwargs: dict | None,
+) -> PeftModel:
+    """QLoRA preparation when quantized, then the adapter, initialised from `seed`."""
+    if config.quantization.enabled and not config.shards_parameters:
+        # Upcasts the non-quantized weights (norms, embeddings) to fp32 and freezes the base;
+        # ZeRO-3/FSDP2 runs skip it: sharding needs one storage dtype across the base.
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs=gradient_checkpointing_kwargs,
+        )
+    set_seed(seed)
+    if config.method == "lora":
+        return get_peft_model(model, lora_config(config.adapter))
+    return get_monteclora_model(model, config.adapter)
+
+
+def keep_trainable_fp32(model: torch.nn.Module) -> list[str]:
+    """Cast the trainable parameters back to fp32 and return their names.
+
+    TRL casts a QLoRA adapter to bf16: MonteCLoRA's epsilon-scaled perturbation of A would round
+    away in bf16, and A's fp32 output must meet an fp32 B.
+    """
+    cast = []
+    for name, param in model.named_parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+            cast.append(name)
+    return cast

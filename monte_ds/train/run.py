@@ -1,0 +1,278 @@
+"""The training recipe behind `monte-ds train` and `launch/train.py`.
+
+    monte-ds train --config configs/tiny.json [--set training.learning_rate=1e-4 ...] [--resume]
+
+One script for every launcher: `python`, `torchrun`, `deepspeed` (which passes `--local_rank`)
+and `accelerate launch`. Everything that can be wrong with the config, the data or the output
+directory is reported (exit 2) before the first byte is written. Output directory layout:
+
+    config.json          the resolved config          metrics.json   status, steps, loss, log history
+    checkpoint-N/        resumable checkpoints        runs/          TensorBoard logs
+    adapter/             the MonteCLoRA adapter (monte_ds.load_adapter)
+    lora_adapter/        a plain peft LoRA adapter (the means; the adapter itself for method "lora")
+    report/              the evaluation report, when eval.suites is set
+
+Exit codes: 0 trained, 2 user error, 3 the loss diverged (metrics.json says "diverged").
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+import transformers
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+from trl import SFTConfig
+
+import monte_ds
+from monte_ds.atomic import atomic_write_json
+from monte_ds.errors import UserError
+from monte_ds.train import checkpoints
+from monte_ds.train.config import TrainConfig, load_config, training_arguments
+from monte_ds.train.data import dataset_texts, load_training_data, prepare_dataset
+from monte_ds.train.model import attach_adapter, ensure_tiny_model, load_base_model, load_tokenizer
+from monte_ds.train.trainer import REGULARISER_TERMS, MonteCLoRATrainer
+
+logger = logging.getLogger("monte_ds.train")
+
+EXIT_DIVERGED = 3
+CONFIG_NAME = "config.json"
+METRICS_NAME = "metrics.json"
+ADAPTER_DIR = "adapter"
+LORA_ADAPTER_DIR = "lora_adapter"
+REPORT_DIR = "report"
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="monte-ds train", description="Fine-tune with MonteCLoRA (or a plain LoRA baseline) from a JSON config."
+    )
+    parser.add_argument("--config", required=True, help="the JSON config (see configs/ and docs/training.md)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config value, e.g. --set training.learning_rate=1e-4 (JSON values; repeatable)",
+    )
+    parser.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    # The deepspeed launcher passes --local_rank; LOCAL_RANK in the environment says the same.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+@dataclass
+class Plan:
+    """Everything validated and loaded before the output directory is touched."""
+
+    config: TrainConfig
+    args: SFTConfig
+    dataset: datasets.Dataset
+    resume_from: Path | None
+
+
+def plan_run(argv: Sequence[str] | None) -> Plan:
+    options = parse_args(argv)
+    if options.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(options.local_rank))
+    config = load_config(options.config, options.overrides)
+    args = training_arguments(config)
+    resume_from = _checkpoint_to_resume(config.output_dir, options.resume)
+    if config.eval.get("suites"):
+        from monte_ds.evaluation import plan_evaluation
+
+        try:
+            plan_evaluation(config.eval)
+        except UserError as err:
+            raise UserError(f"eval.{err}") from None
+    raw = load_training_data(config.data.path, config.data.split, config.data.subset)
+    dataset = prepare_dataset(raw, config.data.format, config.data.max_samples)
+    return Plan(config, args, dataset, resume_from)
+
+
+def _checkpoint_to_resume(output_dir: Path, resume: bool) -> Path | None:
+    latest = checkpoints.latest_complete_checkpoint(output_dir)
+    if resume:
+        if latest is None:
+            raise UserError(f"--resume: no complete checkpoint in {output_dir}")
+        return latest
+    if latest is not None and _read_status(output_dir) is None:
+        raise UserError(
+            f"training.output_dir: {output_dir} holds an unfinished run (latest {latest.name}); "
+            "pass --resume to continue it, or choose another output_dir"
+        )
+    return None
+
+
+def _read_status(output_dir: Path) -> str | None:
+    try:
+        return json.loads((output_dir / METRICS_NAME).read_text()).get("status")
+    except (FileNotFoundError, json.JSONDecodeError, AttributeError):
+        return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    plan = plan_run(argv)
+    _setup_logging(plan.args)
+    return execute(plan)
+
+
+def execute(plan: Plan) -> int:
+    config, args = plan.config, plan.args
+    _init_distributed(args)
+    with args.main_process_first(local=False, desc="preparing the output directory"):
+        if args.process_index == 0:
+            _prepare_output_dir(config, fresh=plan.resume_from is None)
+            atomic_write_json(config.output_dir / CONFIG_NAME, config.to_dict())
+            if config.model.build_tiny:
+                ensure_tiny_model(config.model.path, dataset_texts(plan.dataset), seed=0)
+
+    tokenizer = load_tokenizer(config)
+    model = load_base_model(config, args.device, sharded=config.shards_parameters)
+    model = attach_adapter(model, config, args.seed, args.gradient_checkpointing, args.gradient_checkpointing_kwargs)
+    trainer = MonteCLoRATrainer(model=model, args=args, train_dataset=plan.dataset, processing_class=tokenizer)
+    result = trainer.train(resume_from_checkpoint=str(plan.resume_from) if plan.resume_from else None)
+
+    status = "diverged" if trainer.diverged else "completed"
+    if status == "completed":
+        _save_adapters(trainer, config)
+    if trainer.is_world_process_zero():
+        metrics = {
+            "status": status,
+            "global_step": trainer.state.global_step,
+            "train_loss": result.training_loss,
+            "log_history": trainer.state.log_history,
+        }
+        atomic_write_json(config.output_dir / METRICS_NAME, _finite_or_none(metrics))
+        _print_summary(config, metrics)
+    if status == "diverged":
+        return EXIT_DIVERGED
+    if config.eval.get("suites"):
+        del trainer, model
+        gc.collect()
+        if args.process_index == 0:
+            _evaluate(config, args)
+        args.distributed_state.wait_for_everyone()
+    return 0
+
+
+def _init_distributed(args: SFTConfig) -> None:
+    """Start the process group (through `args.device`). On CPU, accelerate does not start
+    DeepSpeed's communication layer, which ZeRO-3's `zero.Init` model loading needs."""
+    _ = args.device
+    if args.deepspeed and torch.distributed.is_initialized():
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
+
+
+def _prepare_output_dir(config: TrainConfig, fresh: bool) -> None:
+    output_dir = config.output_dir
+    output_dir.mkdir(parents=True, exist_ok=True)
+    checkpoints.remove_incomplete(output_dir)
+    if fresh:
+        stale = checkpoints.checkpoint_dirs(output_dir)
+        if stale:  # left by a finished earlier run in this directory (an unfinished one was refused)
+            logger.warning("starting afresh in %s: removing the earlier run's %d checkpoint(s)", output_dir, len(stale))
+            for path in stale:
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def _save_adapters(trainer: MonteCLoRATrainer, config: TrainConfig) -> None:
+    """Collective under ZeRO-3/FSDP2 (the parameters are gathered): every rank calls it."""
+    if trainer.is_monteclora:
+        monte_ds.save_adapter(trainer.model, config.output_dir / ADAPTER_DIR)
+    monte_ds.export_lora_adapter(trainer.model, config.output_dir / LORA_ADAPTER_DIR)
+    trainer.accelerator.wait_for_everyone()
+
+
+def _evaluate(config: TrainConfig, args: SFTConfig) -> None:
+    """Evaluate the saved adapter on the main process: a fresh load, so the report describes
+    exactly the files in output_dir, and a ZeRO-3/FSDP2 run needs no collective evaluation."""
+    from peft import PeftModel
+
+    from monte_ds.evaluation import evaluate
+
+    unset_hf_deepspeed_config()  # the reload must not be partitioned by zero.Init
+    base = load_base_model(config, args.device, sharded=False)
+    if config.method == "monteclora":
+        model = monte_ds.load_adapter(base, config.output_dir / ADAPTER_DIR)
+    else:
+        model = PeftModel.from_pretrained(base, config.output_dir / LORA_ADAPTER_DIR)
+    if not config.quantization.enabled:  # bitsandbytes placed a quantized base already
+        model.to(args.device)
+    model.eval()
+    metadata = {
+        "model": config.model.path,
+        "adapter_method": config.method,
+        "config_hash": config.config_hash(),
+        "seed": args.seed,
+        "versions": _versions(),
+    }
+    evaluate(
+        model,
+        load_tokenizer(config),
+        output_dir=config.output_dir / REPORT_DIR,
+        training_log=config.output_dir / METRICS_NAME,
+        metadata=metadata,
+        **config.eval,
+    )
+
+
+def _versions() -> dict[str, str]:
+    import peft
+    import trl
+
+    return {
+        "monte_ds": monte_ds.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "trl": trl.__version__,
+        "datasets": datasets.__version__,
+    }
+
+
+def _finite_or_none(value: Any) -> Any:
+    """JSON has no NaN/inf: a diverged loss is written as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_finite_or_none(item) for item in value]
+    return value
+
+
+def _print_summary(config: TrainConfig, metrics: dict[str, Any]) -> None:
+    last = next((entry for entry in reversed(metrics["log_history"]) if "kl_gaussian" in entry), None)
+    terms = ", ".join(f"{name}={last[name]:.4g}" for name in REGULARISER_TERMS) if last else ""
+    loss = metrics["train_loss"]
+    print(
+        f"monte-ds: {metrics['status']} after {metrics['global_step']} steps, train_loss="
+        f"{loss if loss is None or not math.isfinite(loss) else f'{loss:.4f}'}"
+        + (f"; regulariser {terms}" if terms else "")
+        + f"; outputs in {config.output_dir}",
+        file=sys.stderr if metrics["status"] != "completed" else sys.stdout,
+    )
+
+
+def _setup_logging(args: SFTConfig) -> None:
+    """monte-ds and transformers log at the level TrainingArguments picks for this process
+    (info on the main process by default, warnings on the others)."""
+    level = args.get_process_log_level()
+    if level < 0:  # "passive": transformers' default
+        level = logging.INFO if args.process_index == 0 else logging.WARNING
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    logging.getLogger("monte_ds").setLevel(level)
+    transformers.utils.logging.set_verbosity(level)
+    datasets.utils.logging.set_verbosity(max(level, logging.WARNING))
