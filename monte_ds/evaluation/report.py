@@ -47,11 +47,12 @@ def build_report(
     metadata: dict[str, Any],
     figure_files: list[str],
 ) -> dict[str, Any]:
-    """The JSON-ready report; `predictive` holds the K-draw calibration per task, or None."""
+    """The JSON-ready report; `predictive` holds the K-draw calibration per task, or None.
+    Versions the caller lists in `metadata["versions"]` (e.g. the trainer's trl) are kept."""
     report = {
         "metadata": {
             **metadata,
-            "versions": package_versions(),
+            "versions": {**package_versions(), **metadata.get("versions", {})},
             "evaluated_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         },
         "options": options,
