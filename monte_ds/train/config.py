@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 DTYPES = ["auto", "float32", "bfloat16", "float16"]
 ATTENTION = ["eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"]
 QUANTIZATION_MODES = ["none", "nf4", "fp4", "int8"]
-DATA_FORMATS = ["auto", "alpaca", "messages", "text", "prompt_completion"]
+DATA_FORMATS = ["auto", "alpaca", "messages", "text", "prompt_completion", "template"]
 METHODS = ["monteclora", "lora"]
 # MonteCLoRA fields that mean nothing to a plain LoRA baseline (ignored there, with a warning).
 MONTECLORA_ONLY = {
@@ -105,6 +105,8 @@ def config_schema() -> dict[str, Any]:
                     "split": {"type": "string", "minLength": 1},
                     "subset": {"type": ["string", "null"]},
                     "max_samples": {"type": ["integer", "null"], "minimum": 1},
+                    "prompt_template": {"type": ["string", "null"]},
+                    "completion_column": {"type": "string", "minLength": 1},
                 },
                 required=["path"],
             ),
@@ -153,6 +155,8 @@ class DataSection:
     split: str = "train"
     subset: str | None = None
     max_samples: int | None = None
+    prompt_template: str | None = None  # format "template": the prompt, with {column} placeholders
+    completion_column: str = "completion"  # format "template": the column trained on
 
 
 @dataclass(frozen=True)
@@ -262,6 +266,8 @@ def validate_config(raw: dict[str, Any]) -> TrainConfig:
         bundled_path(data.path)
     else:
         _check_local_path("data.path", data.path, DATA_SUFFIXES)
+    if (data.format == "template") != (data.prompt_template is not None):
+        raise UserError("data.prompt_template: set it exactly when data.format is 'template'")
     if quantization.double_quant and quantization.mode not in ("nf4", "fp4"):
         raise UserError("quantization.double_quant: only applies to 4-bit modes (nf4, fp4)")
     if method == "monteclora" and training.get("label_smoothing_factor", 0) > 0:
@@ -356,7 +362,7 @@ def training_arguments(config: TrainConfig) -> SFTConfig:
     if config.deepspeed is not None:
         kwargs["deepspeed"] = copy.deepcopy(config.deepspeed)
     if config.fsdp is not None:
-        kwargs.update(fsdp="full_shard", fsdp_config=dict(config.fsdp))
+        kwargs.update(fsdp=True, fsdp_config=dict(config.fsdp))
     try:
         return SFTConfig(**kwargs)
     except (ValueError, TypeError) as err:

@@ -2,12 +2,13 @@
 in one of the forms TRL's SFTTrainer tokenizes itself (`text`, `messages`, `prompt`/`completion`).
 
 Alpaca records (instruction / input / output) become prompt/completion pairs with the Stanford
-Alpaca prompt, so `training.completion_only_loss` (TRL's default for such pairs) trains on the
-response only.
+Alpaca prompt, and format "template" builds the prompt from any columns (e.g. GSM8k's question):
+`training.completion_only_loss` (TRL's default for such pairs) then trains on the response only.
 """
 
 from __future__ import annotations
 
+import string
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,7 @@ REQUIRED_COLUMNS = {
     "messages": (),
     "prompt_completion": ("prompt", "completion"),
     "text": ("text",),
+    "template": (),
 }
 
 
@@ -92,7 +94,17 @@ def alpaca_to_prompt_completion(record: dict[str, Any]) -> dict[str, str]:
     return {"prompt": template.format(instruction=record["instruction"].strip(), input=context), "completion": record["output"]}
 
 
-def prepare_dataset(dataset: datasets.Dataset, data_format: str = "auto", max_samples: int | None = None) -> datasets.Dataset:
+def template_to_prompt_completion(record: dict[str, Any], template: str, completion_column: str) -> dict[str, str]:
+    return {"prompt": template.format(**record), "completion": record[completion_column]}
+
+
+def prepare_dataset(
+    dataset: datasets.Dataset,
+    data_format: str = "auto",
+    max_samples: int | None = None,
+    prompt_template: str | None = None,
+    completion_column: str = "completion",
+) -> datasets.Dataset:
     """Select the first `max_samples` records and convert them to a form SFTTrainer reads."""
     if max_samples is not None:
         dataset = dataset.select(range(min(max_samples, len(dataset))))
@@ -106,6 +118,16 @@ def prepare_dataset(dataset: datasets.Dataset, data_format: str = "auto", max_sa
         raise UserError(f"data.format: {data_format!r} needs the column(s) {missing}; the data has {dataset.column_names}")
     if data_format == "alpaca":
         return dataset.map(alpaca_to_prompt_completion, remove_columns=dataset.column_names)
+    if data_format == "template":
+        placeholders = {name for _, name, _, _ in string.Formatter().parse(prompt_template) if name}
+        absent = sorted((placeholders | {completion_column}) - set(dataset.column_names))
+        if absent:
+            raise UserError(f"data.prompt_template: no column(s) {absent} in the data (columns: {dataset.column_names})")
+        return dataset.map(
+            template_to_prompt_completion,
+            fn_kwargs={"template": prompt_template, "completion_column": completion_column},
+            remove_columns=dataset.column_names,
+        )
     return dataset
 
 

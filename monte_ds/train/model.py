@@ -75,8 +75,8 @@ def attach_adapter(
     model: PreTrainedModel,
     config: TrainConfig,
     seed: int,
-    gradient_checkpointing: bool,
-    gradient_checkpointing_kwargs: dict | None,
+    activation_checkpointing: bool,
+    activation_checkpointing_kwargs: dict | None,
 ) -> PeftModel:
     """QLoRA preparation when quantized, then the adapter, initialised from `seed`."""
     if config.quantization.enabled and not config.shards_parameters:
@@ -84,8 +84,8 @@ def attach_adapter(
         # ZeRO-3/FSDP2 runs skip it: sharding needs one storage dtype across the base.
         model = prepare_model_for_kbit_training(
             model,
-            use_gradient_checkpointing=gradient_checkpointing,
-            gradient_checkpointing_kwargs=gradient_checkpointing_kwargs,
+            use_gradient_checkpointing=activation_checkpointing,
+            gradient_checkpointing_kwargs=activation_checkpointing_kwargs,
         )
     set_seed(seed)
     if config.method == "lora":

@@ -94,8 +94,9 @@ def plan_run(argv: Sequence[str] | None) -> Plan:
             plan_evaluation(config.eval)
         except UserError as err:
             raise UserError(f"eval.{err}") from None
-    raw = load_training_data(config.data.path, config.data.split, config.data.subset)
-    dataset = prepare_dataset(raw, config.data.format, config.data.max_samples)
+    data = config.data
+    raw = load_training_data(data.path, data.split, data.subset)
+    dataset = prepare_dataset(raw, data.format, data.max_samples, data.prompt_template, data.completion_column)
     return Plan(config, args, dataset, resume_from)
 
 
@@ -138,7 +139,7 @@ def execute(plan: Plan) -> int:
 
     tokenizer = load_tokenizer(config)
     model = load_base_model(config, args.device, sharded=config.shards_parameters)
-    model = attach_adapter(model, config, args.seed, args.gradient_checkpointing, args.gradient_checkpointing_kwargs)
+    model = attach_adapter(model, config, args.seed, args.activation_checkpointing, args.activation_checkpointing_kwargs)
     trainer = MonteCLoRATrainer(model=model, args=args, train_dataset=plan.dataset, processing_class=tokenizer)
     result = trainer.train(resume_from_checkpoint=str(plan.resume_from) if plan.resume_from else None)
 
