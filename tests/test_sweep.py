@@ -24,6 +24,7 @@ from monte_ds.evaluation.report import build_report
 from monte_ds.sweep.grid import GridAxis, expand, parse_grid_axis, train_command
 from monte_ds.sweep.outcomes import Metric, read_outcome, report_scores
 from monte_ds.sweep.stats import paired_test, summarize
+from monte_ds.train.checkpoints import mark_complete
 
 # --- statistics -----------------------------------------------------------------------------
 
@@ -188,6 +189,17 @@ def test_plan_only_prints_one_command_per_run_and_runs_nothing(tmp_path, base_co
                                "--set", "adapter.method=monteclora", "--set", "training.seed=1"]
     assert command[command.index("--config") + 1] == str(base_config)
     assert not output.exists() and calls.read_text() == ""
+
+
+def test_an_interrupted_run_with_a_checkpoint_is_resumed(tmp_path, base_config, fake_train, capsys):
+    launcher, _ = fake_train
+    output = tmp_path / "sweep"
+    interrupted = output / "runs" / "lora" / "learning_rate=0.1__per_device_train_batch_size=2__seed=0"
+    mark_complete(interrupted / "checkpoint-4", global_step=4)
+    (interrupted / "checkpoint-6").mkdir()  # a save killed half-way: not a checkpoint to resume from
+    assert monte_ds([*sweep_args(base_config, output, launcher, lrs="0.1"), "--methods", "lora", "--plan-only"]) == 0
+    resumed = [line for line in capsys.readouterr().out.splitlines() if line.endswith(" --resume")]
+    assert len(resumed) == 1 and f"training.output_dir={interrupted}" in resumed[0]
 
 
 def test_sweep_records_failures_writes_the_report_and_restarts_only_unfinished_runs(tmp_path, base_config, fake_train):

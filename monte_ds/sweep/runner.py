@@ -23,6 +23,7 @@ from monte_ds.errors import UserError
 from monte_ds.sweep.grid import GridAxis, Run, expand, train_command
 from monte_ds.sweep.outcomes import Outcome, read_outcome
 from monte_ds.sweep.report import build_sweep_report, write_sweep_report
+from monte_ds.train.checkpoints import latest_complete_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +53,12 @@ class Sweep:
         return self.output / "logs" / f"{run.run_id.replace('/', '__')}.log"
 
     def command(self, run: Run) -> list[str]:
-        return train_command(self.launcher, self.config, self.fixed, run, self.run_dir(run))
+        """The run's training command; `--resume` when an interrupted attempt left a checkpoint
+        (monte-ds train refuses to start over such a directory, and resuming reproduces the run)."""
+        command = train_command(self.launcher, self.config, self.fixed, run, self.run_dir(run))
+        if latest_complete_checkpoint(self.run_dir(run)) is not None:
+            command.append("--resume")
+        return command
 
     def settings(self) -> dict[str, Any]:
         """What every run shares: a restart into the same dir must not mix runs of two of these."""
