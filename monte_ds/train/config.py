@@ -357,6 +357,8 @@ def training_arguments(config: TrainConfig) -> SFTConfig:
     """TRL's SFTConfig from the `training` section plus what the other sections decide."""
     kwargs = copy.deepcopy(config.training)
     kwargs.setdefault("report_to", ["tensorboard"])
+    # A non-finite loss ends the run (status "diverged"): log it as it is, not as the running mean.
+    kwargs.setdefault("logging_nan_inf_filter", False)
     # DeepSpeed's CPU path (tests, laptops) goes through accelerate's CPU state.
     kwargs.setdefault("use_cpu", not torch.cuda.is_available())
     if config.deepspeed is not None:
