@@ -95,6 +95,7 @@ def test_tiny_run_builds_its_base_trains_and_leaves_reloadable_adapters(tmp_path
         base,
         model={"build_tiny": True},
         training={"report_to": ["tensorboard"], "save_total_limit": 1},
+        eval={"suites": ["arc_easy"], "data_dir": str(REPO / "tests" / "fixtures" / "eval"), "limit": 2},
     )
     assert train(config) == 0
     out = tmp_path / "out"
@@ -123,6 +124,13 @@ def test_tiny_run_builds_its_base_trains_and_leaves_reloadable_adapters(tmp_path
     torch.testing.assert_close(eval_logits(monte, ids), eval_logits(plain, ids))
     assert not torch.allclose(eval_logits(plain, ids), base_logits)  # training moved B away from 0
 
+    # The report of the saved adapter, with the run's metadata and training curves
+    report = json.loads((out / "report" / "report.json").read_text())
+    resolved = load_config(out / "config.json")
+    assert report["metadata"]["config_hash"] == resolved.config_hash()
+    assert report["metadata"]["adapter_method"] == "monteclora" and report["metadata"]["seed"] == 0
+    assert (out / "report" / "training_curves.png").is_file()
+
 
 def test_lora_baseline_runs_through_the_same_pipeline(tmp_path, tiny_base):
     config = write_config(tmp_path, tiny_base, adapter={"method": "lora"}, training={"max_steps": 2})
@@ -135,6 +143,11 @@ def test_lora_baseline_runs_through_the_same_pipeline(tmp_path, tiny_base):
     assert checkpoints.is_complete(out / "checkpoint-2")
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), out / "lora_adapter")
     assert sum(p.numel() for n, p in model.named_parameters() if "lora_B" in n) > 0
+
+    # Run again without --resume after a finished run: a fresh run, nothing of the old one left
+    assert train(config, "--set", "training.max_steps=1") == 0
+    assert metrics(out)["global_step"] == 1
+    assert [p.name for p in checkpoints.checkpoint_dirs(out)] == ["checkpoint-1"]  # its final save only
 
 
 def test_qlora_keeps_monteclora_parameters_in_fp32(tmp_path, tiny_base):
@@ -421,6 +434,20 @@ def test_two_ranks_match_ddp_agree_with_each_other_and_draw_different_noise(two_
     assert_same_adapter(saved, ranks[0]["adapter"], atol=0)  # complete, not the empty ZeRO-3 file
     assert checkpoints.is_complete(record / "out" / "checkpoint-4")
     assert_same_adapter(ranks[0]["adapter"], ddp[0]["adapter"], atol=1e-6)
+
+
+@pytest.mark.slow
+def test_qlora_under_zero3_shards_a_4bit_base(two_rank_runs):
+    """4-bit base + ZeRO-3: the 4-bit storage is a float dtype (zero.Init partitions it)."""
+    launcher, override = SETUPS["zero3"]
+    quantization = 'quantization={"mode": "nf4", "double_quant": true, "compute_dtype": "float32"}'
+    record = two_rank_runs("zero3-nf4", launcher, override, quantization)
+    ranks = load_ranks(record)
+    assert_same_adapter(ranks[0]["adapter"], ranks[1]["adapter"], atol=0)
+    assert ranks[0]["first_step"]["kl_gaussian"] != ranks[1]["first_step"]["kl_gaussian"]
+    saved = load_file(record / "out" / "adapter" / "adapter_model.safetensors")
+    assert_same_adapter(saved, ranks[0]["adapter"], atol=0)
+    assert all(tensor.dtype == torch.float32 for tensor in saved.values())
 
 
 @pytest.mark.slow

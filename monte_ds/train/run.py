@@ -157,12 +157,13 @@ def execute(plan: Plan) -> int:
         _print_summary(config, metrics)
     if status == "diverged":
         return EXIT_DIVERGED
-    if config.eval.get("suites"):
+    if config.eval.get("suites") and args.process_index == 0:
+        # The other ranks are done: no collective waits on an evaluation that may take hours.
         del trainer, model
         gc.collect()
-        if args.process_index == 0:
-            _evaluate(config, args)
-        args.distributed_state.wait_for_everyone()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        _evaluate(config, args)
     return 0
 
 
@@ -177,15 +178,23 @@ def _init_distributed(args: SFTConfig) -> None:
 
 
 def _prepare_output_dir(config: TrainConfig, fresh: bool) -> None:
+    """Drop what a killed save left; for a fresh run, also what a finished earlier run left here
+    (an unfinished one was refused), so that no file can be mistaken for this run's."""
     output_dir = config.output_dir
     output_dir.mkdir(parents=True, exist_ok=True)
     checkpoints.remove_incomplete(output_dir)
-    if fresh:
-        stale = checkpoints.checkpoint_dirs(output_dir)
-        if stale:  # left by a finished earlier run in this directory (an unfinished one was refused)
-            logger.warning("starting afresh in %s: removing the earlier run's %d checkpoint(s)", output_dir, len(stale))
-            for path in stale:
-                shutil.rmtree(path, ignore_errors=True)
+    if not fresh:
+        return
+    stale = checkpoints.checkpoint_dirs(output_dir)
+    stale += [output_dir / name for name in (ADAPTER_DIR, LORA_ADAPTER_DIR, REPORT_DIR, METRICS_NAME)]
+    stale = [path for path in stale if path.exists()]
+    if stale:
+        logger.warning("starting afresh in %s: removing the earlier run's %s", output_dir, ", ".join(p.name for p in stale))
+    for path in stale:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 def _save_adapters(trainer: MonteCLoRATrainer, config: TrainConfig) -> None:
@@ -230,17 +239,15 @@ def _evaluate(config: TrainConfig, args: SFTConfig) -> None:
 
 
 def _versions() -> dict[str, str]:
+    """The training stack (the report adds the evaluation's own)."""
+    import accelerate
+    import deepspeed
     import peft
     import trl
 
-    return {
-        "monte_ds": monte_ds.__version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "trl": trl.__version__,
-        "datasets": datasets.__version__,
-    }
+    modules = {"monte-ds": monte_ds, "torch": torch, "transformers": transformers, "peft": peft, "trl": trl}
+    modules.update({"accelerate": accelerate, "deepspeed": deepspeed, "datasets": datasets})
+    return {name: module.__version__ for name, module in modules.items()}
 
 
 def _finite_or_none(value: Any) -> Any:
@@ -268,12 +275,12 @@ def _print_summary(config: TrainConfig, metrics: dict[str, Any]) -> None:
 
 
 def _setup_logging(args: SFTConfig) -> None:
-    """monte-ds and transformers log at the level TrainingArguments picks for this process
-    (info on the main process by default, warnings on the others)."""
-    level = args.get_process_log_level()
-    if level < 0:  # "passive": transformers' default
-        level = logging.INFO if args.process_index == 0 else logging.WARNING
+    """monte-ds logs at info on the main process and warnings elsewhere; `training.log_level`
+    (and `log_level_replica`), when set, decide for monte-ds and transformers alike."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    if args.log_level == "passive":
+        level = logging.INFO if args.should_log else logging.WARNING
+    else:
+        level = args.get_process_log_level()
+        transformers.utils.logging.set_verbosity(level)
     logging.getLogger("monte_ds").setLevel(level)
-    transformers.utils.logging.set_verbosity(level)
-    datasets.utils.logging.set_verbosity(max(level, logging.WARNING))
