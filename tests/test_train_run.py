@@ -165,6 +165,22 @@ def test_qlora_keeps_monteclora_parameters_in_fp32(tmp_path, tiny_base):
     assert any(key.endswith("wishart_log_scale") for key in saved)
 
 
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non_reentrant"])
+def test_activation_checkpointing_recomputes_with_the_same_noise(tmp_path, tiny_base, reentrant):
+    """The recomputed forward must see the draw of the first one, or the gradients change."""
+    runs = {}
+    for name, checkpointing in [("plain", {}), ("checkpointed", {
+        "activation_checkpointing": True, "activation_checkpointing_kwargs": {"use_reentrant": reentrant}
+    })]:
+        (tmp_path / name).mkdir()
+        config = write_config(tmp_path / name, tiny_base, training={"max_steps": 3, "save_strategy": "no", **checkpointing})
+        assert train(config) == 0
+        runs[name] = step_logs(tmp_path / name / "out")
+    for step in (1, 2, 3):
+        assert runs["checkpointed"][step]["loss"] == pytest.approx(runs["plain"][step]["loss"], rel=1e-6)
+        assert runs["checkpointed"][step]["grad_norm"] == pytest.approx(runs["plain"][step]["grad_norm"], rel=1e-5)
+
+
 # -- resume -----------------------------------------------------------------------------------------
 def test_a_resumed_run_reproduces_the_uninterrupted_one(tmp_path, tiny_base):
     """Interrupted after step 3 (its checkpoint-3) and a save killed halfway (checkpoint-6 without
