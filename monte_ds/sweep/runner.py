@@ -108,9 +108,10 @@ def execute(sweep: Sweep, command_line: str, *, launch: bool = True) -> dict[str
     for index, run in enumerate(todo, 1):
         logger.info("[%d/%d] training %s", index, len(todo), run.run_id)
         started = time.monotonic()
-        outcomes[run.run_id] = run_one(sweep, run)
-        logger.info("[%d/%d] %s: %s in %.0f s %s", index, len(todo), run.run_id, outcomes[run.run_id].status,
-                    time.monotonic() - started, outcomes[run.run_id].detail)
+        outcome = outcomes[run.run_id] = run_one(sweep, run)
+        scores = ", ".join(f"{metric.task} {metric.label} {value:.4g}" for metric, value in outcome.scores.items())
+        logger.info("[%d/%d] %s: %s in %.0f s; %s", index, len(todo), run.run_id, outcome.status,
+                    time.monotonic() - started, scores or outcome.detail)
         report = _write_report(sweep, command_line, runs, outcomes)  # progress is visible mid-sweep
     return report
 
