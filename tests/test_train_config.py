@@ -61,6 +61,7 @@ def write_config(tmp_path: Path, raw: dict) -> Path:
         ("adapter.method=qlora", 'adapter.method: must be one of "monteclora", "lora", got "qlora"'),
         ("model.dtype=fp8", "model.dtype: must be one of"),
         ("model.build_tiny=false", "model.path: no such file or directory: "),
+        ('model={"path": "no-such-org/no-such-model"}', "model.path: cannot load a model config from 'no-such-org/no"),
         ("quantization.mode=int8", None),  # valid: the control case of the next line
         ("quantization.double_quant=true", "quantization.double_quant: only applies to 4-bit modes"),
         ("data.path=./missing.jsonl", "data.path: no such file or directory: ./missing.jsonl"),

@@ -8,10 +8,18 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel, set_seed
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PreTrainedModel,
+    set_seed,
+)
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from monte_ds.atomic import atomic_directory
+from monte_ds.errors import UserError
 from monte_ds.monteclora import get_monteclora_model
 from monte_ds.monteclora.model import lora_config
 from monte_ds.tiny import build_tiny_llama
@@ -29,6 +37,18 @@ def ensure_tiny_model(path: str | Path, texts: list[str], seed: int) -> None:
     logger.info("building a tiny LLaMA at %s", path)
     with atomic_directory(path) as tmp:
         build_tiny_llama(tmp, texts, seed=seed)
+
+
+def check_model_path(config: TrainConfig) -> None:
+    """Read the model's config (a local file or one small hub download) so that a wrong path or
+    hub id fails as a user error before anything is written; a tiny base still to build passes."""
+    model = config.model
+    if model.build_tiny and not Path(model.path).exists():
+        return
+    try:
+        AutoConfig.from_pretrained(model.path, revision=model.revision, trust_remote_code=model.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise UserError(f"model.path: cannot load a model config from {model.path!r}: {str(err).splitlines()[0]}") from None
 
 
 def load_tokenizer(config: TrainConfig) -> PreTrainedTokenizerBase:

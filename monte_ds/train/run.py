@@ -42,7 +42,13 @@ from monte_ds.errors import UserError
 from monte_ds.train import checkpoints
 from monte_ds.train.config import TrainConfig, load_config, training_arguments
 from monte_ds.train.data import dataset_texts, load_training_data, prepare_dataset
-from monte_ds.train.model import attach_adapter, ensure_tiny_model, load_base_model, load_tokenizer
+from monte_ds.train.model import (
+    attach_adapter,
+    check_model_path,
+    ensure_tiny_model,
+    load_base_model,
+    load_tokenizer,
+)
 from monte_ds.train.trainer import REGULARISER_TERMS, MonteCLoRATrainer
 
 logger = logging.getLogger("monte_ds.train")
@@ -87,6 +93,7 @@ def plan_run(argv: Sequence[str] | None) -> Plan:
     config = load_config(options.config, options.overrides)
     args = training_arguments(config)
     resume_from = _checkpoint_to_resume(config.output_dir, options.resume)
+    check_model_path(config)
     if config.eval.get("suites"):
         from monte_ds.evaluation import plan_evaluation
 
