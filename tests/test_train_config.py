@@ -54,6 +54,7 @@ def write_config(tmp_path: Path, raw: dict) -> Path:
         ("training.optim=adamw_torh", "(did you mean 'adamw_torch'?)"),
         ("training.deepspeed={}", "training.deepspeed: not set here; set it in distributed.deepspeed"),
         ("training.resume_from_checkpoint=true", "training.resume_from_checkpoint: not set here; use the --resume flag"),
+        ("training.eval_strategy=steps", "training.eval_strategy: there is no evaluation set during training"),
         ("training.label_smoothing_factor=0.1", "training.label_smoothing_factor: not supported with MonteCLoRA"),
         ("adapter.r=0", "adapter.r: must be >= 1, got 0"),
         ("adapter.wishart_df=2", "adapter.wishart_df: must be null or >= r (8), got 2"),
@@ -99,8 +100,7 @@ def test_missing_config_file_and_invalid_json_are_user_errors(tmp_path):
 
 
 def test_training_values_trainingarguments_rejects_are_user_errors(tmp_path, tiny_raw):
-    overrides = ["training.load_best_model_at_end=true", "training.eval_strategy=steps", "training.save_strategy=epoch"]
-    config = load_config(write_config(tmp_path, tiny_raw), overrides)
+    config = load_config(write_config(tmp_path, tiny_raw), ["training.load_best_model_at_end=true"])
     with pytest.raises(UserError, match="^training: .*load_best_model_at_end requires the save and eval strategy to match"):
         training_arguments(config)
 

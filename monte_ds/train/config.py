@@ -47,8 +47,8 @@ TRAINING_OWNED = {
     "resume_from_checkpoint": "use the --resume flag",
     "local_rank": "the launcher sets it",
     "do_train": "this command always trains",
-    "do_eval": "use training.eval_strategy",
-    "do_predict": "use the eval section",
+    "do_eval": "the eval section evaluates after training",
+    "do_predict": "the eval section evaluates after training",
 }
 FSDP_KEYS = {
     "version": {"enum": [2]},
@@ -270,6 +270,8 @@ def validate_config(raw: dict[str, Any]) -> TrainConfig:
         raise UserError("data.prompt_template: set it exactly when data.format is 'template'")
     if quantization.double_quant and quantization.mode not in ("nf4", "fp4"):
         raise UserError("quantization.double_quant: only applies to 4-bit modes (nf4, fp4)")
+    if training.get("eval_strategy", "no") != "no":
+        raise UserError("training.eval_strategy: there is no evaluation set during training; the eval section evaluates after it")
     if method == "monteclora" and training.get("label_smoothing_factor", 0) > 0:
         raise UserError(
             "training.label_smoothing_factor: not supported with MonteCLoRA (TRL runs a second "
