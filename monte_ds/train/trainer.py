@@ -32,6 +32,8 @@ REGULARISER_TOTAL = "regulariser"
 
 
 class MonteCLoRATrainer(SFTTrainer):
+    """`SFTTrainer` with MonteCLoRA's regulariser, logging, resumable noise and safe checkpoints."""
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.is_monteclora = next(monteclora_layers(self.model), None) is not None
@@ -68,10 +70,11 @@ class MonteCLoRATrainer(SFTTrainer):
         return self.current_gradient_accumulation_steps if scaled else 1
 
     def _record_regulariser(self, terms: dict[str, torch.Tensor]) -> None:
-        names = (*REGULARISER_TERMS, REGULARISER_TOTAL)
-        values = torch.stack([terms[name].detach().float() for name in REGULARISER_TERMS] + [terms["total"].detach().float()])
-        values = self.accelerator.reduce(values.to(self.accelerator.device), reduction="mean")
-        for name, value in zip(names, values.tolist(), strict=True):
+        """Queue the terms for the next log (SFTTrainer averages its metrics over the window)."""
+        keys = (*REGULARISER_TERMS, "total")
+        values = torch.stack([terms[key].detach().float().to(self.accelerator.device) for key in keys])
+        values = self.accelerator.reduce(values, reduction="mean")
+        for name, value in zip((*REGULARISER_TERMS, REGULARISER_TOTAL), values.tolist(), strict=True):
             self._metrics["train"][name].append(value)
 
     # -- divergence ----------------------------------------------------------------------------
