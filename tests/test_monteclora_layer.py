@@ -334,3 +334,9 @@ def test_loading_a_folder_that_is_not_an_adapter_names_what_is_missing(load_base
 
 def test_vocab_constant_matches_fixture():
     assert tiny_config().vocab_size == VOCAB
+
+
+def test_zero_sample_scaler_is_plain_lora_with_regularisers(load_base, input_ids):
+    model = build(load_base, sample_scaler=0.0)
+    assert torch.equal(train_logits(model, input_ids), train_logits(model, input_ids))
+    assert torch.isfinite(monteclora_losses(model)["total"])

@@ -422,18 +422,7 @@ SETUPS = {  # both launchers are covered: `deepspeed` passes --local_rank, torch
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "setup",
-    [
-        "zero2",
-        "zero3",
-        pytest.param(
-            "fsdp2",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="core (monte_ds/monteclora/layer.py `_full`): full_tensor() must average the "
-                "regulariser's gradient over ranks: full_tensor(grad_placements=[Partial('avg')])",
-            ),
-        ),
-    ],
+    ["zero2", "zero3", "fsdp2"],
 )
 def test_two_ranks_match_ddp_agree_with_each_other_and_draw_different_noise(two_rank_runs, setup):
     """Sharding must not change the optimisation: 2 ranks under ZeRO-2/ZeRO-3/FSDP2 end where 2 DDP

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.placement_types import Partial
 
 from monte_ds.config import MonteCLoRAConfig
 from monte_ds.monteclora.math import (
@@ -43,8 +44,9 @@ _MIXTURE_STREAM = {STREAM_TRAIN: STREAM_DIRICHLET, STREAM_PREDICTIVE: STREAM_PRE
 
 def _full(param: torch.Tensor) -> torch.Tensor:
     """The whole tensor of a parameter FSDP2 keeps sharded outside the forward (a differentiable
-    all-gather, so the regulariser's gradient reaches every shard); plain tensors pass through."""
-    return param.full_tensor() if isinstance(param, DTensor) else param
+    all-gather). Each rank's regulariser differs (its own noise), so the gradient flowing back is
+    averaged over ranks, as FSDP does for the task loss; plain tensors pass through."""
+    return param.full_tensor(grad_placements=[Partial("avg")]) if isinstance(param, DTensor) else param
 
 
 class MonteCLoRALinearA(nn.Linear):
@@ -126,7 +128,7 @@ class MonteCLoRALinearA(nn.Linear):
     def sampled_weight(self) -> torch.Tensor:
         """The weight used by this forward: the mean, or the mean plus this forward's noise."""
         key = self._draw_key()
-        if key is None or self.sample_scaler == 0:
+        if key is None:
             return self.weight
         stream, index = key
         draw = self.source.take((stream, index, self.layer_index), self.weight.device)
