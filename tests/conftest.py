@@ -10,6 +10,8 @@ import pytest
 import torch
 from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
+from monte_ds.tiny import tiny_llama_config
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -17,17 +19,8 @@ VOCAB = 128
 
 
 def tiny_config(**overrides) -> LlamaConfig:
-    kwargs = dict(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    kwargs.update(overrides)
-    return LlamaConfig(**kwargs)
+    """monte_ds.tiny's LLaMA, smaller still (hidden 32) unless overridden."""
+    return tiny_llama_config(VOCAB, **{"hidden_size": 32, "intermediate_size": 64, "max_position_embeddings": 64, **overrides})
 
 
 @pytest.fixture(scope="session")
