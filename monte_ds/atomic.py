@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -35,8 +36,20 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise
 
 
+def finite_or_null(value: Any) -> Any:
+    """JSON has no NaN/inf: non-finite floats (a diverged loss, an unbounded spread) become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(item) for item in value]
+    return value
+
+
 def atomic_write_json(path: str | Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+    """Strict JSON (NaN/inf written as null), atomically."""
+    atomic_write_text(path, json.dumps(finite_or_null(data), indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
 @contextmanager

@@ -111,7 +111,7 @@ def write_sweep_report(output: Path, report: dict[str, Any]) -> None:
             {method: summary["scores"] for method, summary in section["methods"].items()},
             section["higher_is_better"],
         )
-    atomic_write_json(output / SWEEP_JSON, _finite_or_null(report))
+    atomic_write_json(output / SWEEP_JSON, report)
     atomic_write_text(output / SWEEP_MD, markdown(report))
 
 
@@ -164,13 +164,3 @@ def _fmt(value: float | None, infinite: str = "∞") -> str:
     if value is None or math.isnan(value):
         return "—"
     return infinite if math.isinf(value) else f"{value:.4g}"
-
-
-def _finite_or_null(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {key: _finite_or_null(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_finite_or_null(item) for item in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value

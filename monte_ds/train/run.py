@@ -160,7 +160,7 @@ def execute(plan: Plan) -> int:
             "train_loss": result.training_loss,
             "log_history": trainer.state.log_history,
         }
-        atomic_write_json(config.output_dir / METRICS_NAME, _finite_or_none(metrics))
+        atomic_write_json(config.output_dir / METRICS_NAME, metrics)
         _print_summary(config, metrics)
     if status == "diverged":
         return EXIT_DIVERGED
@@ -257,15 +257,6 @@ def _versions() -> dict[str, str]:
     return {name: module.__version__ for name, module in modules.items()}
 
 
-def _finite_or_none(value: Any) -> Any:
-    """JSON has no NaN/inf: a diverged loss is written as null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _finite_or_none(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_finite_or_none(item) for item in value]
-    return value
 
 
 def _print_summary(config: TrainConfig, metrics: dict[str, Any]) -> None:
