@@ -19,7 +19,7 @@ from monte_ds.atomic import atomic_directory
 from monte_ds.config import MonteCLoRAConfig
 from monte_ds.errors import UserError
 from monte_ds.monteclora.layer import EXTRA_PARAMS
-from monte_ds.monteclora.model import get_monteclora_model, load_sampler_state, sampler_state
+from monte_ds.monteclora.model import get_monteclora_model, load_sampler_state, noise_source, sampler_state
 from monte_ds.monteclora.sampler import data_parallel_rank
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -69,7 +69,7 @@ def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "d
     state = _full_cpu_state(peft_model, adapter_name)
     if data_parallel_rank() != 0:
         return
-    config = _monteclora_config(peft_model)
+    config = noise_source(peft_model).config
     with atomic_directory(directory) as tmp:
         save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
@@ -108,10 +108,3 @@ def export_lora_adapter(model: nn.Module, directory: str | Path, adapter_name: s
         save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
         peft_model.peft_config[adapter_name].save_pretrained(tmp)
 
-
-def _monteclora_config(model: nn.Module) -> MonteCLoRAConfig:
-    from monte_ds.monteclora.model import monteclora_layers
-
-    for layer in monteclora_layers(model):
-        return layer.source.config
-    raise ValueError("model has no MonteCLoRA layers (build it with monte_ds.get_monteclora_model)")

@@ -98,7 +98,8 @@ def monteclora_layers(model: nn.Module) -> Iterator[MonteCLoRALinearA]:
             yield module
 
 
-def _source(model: nn.Module) -> NoiseSource:
+def noise_source(model: nn.Module) -> NoiseSource:
+    """The noise source (and so the config) shared by the model's MonteCLoRA layers."""
     for layer in monteclora_layers(model):
         return layer.source
     raise ValueError("model has no MonteCLoRA layers (build it with monte_ds.get_monteclora_model)")
@@ -125,18 +126,18 @@ def monteclora_losses(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def sampler_state(model: nn.Module) -> dict[str, int]:
     """What a checkpoint must hold for the noise of a resumed run to continue exactly."""
-    return _source(model).state_dict()
+    return noise_source(model).state_dict()
 
 
 def load_sampler_state(model: nn.Module, state: dict[str, int]) -> None:
-    _source(model).load_state_dict(state)
+    noise_source(model).load_state_dict(state)
 
 
 @contextmanager
 def predictive_sampling(model: nn.Module, draw: int) -> Iterator[None]:
     """Eval-mode forwards inside use sampled weights (posterior-predictive draw `draw`,
     deterministic in (seed, rank, draw)) instead of the mean."""
-    source = _source(model)
+    source = noise_source(model)
     previous, source.predictive_draw = source.predictive_draw, int(draw)
     try:
         yield
