@@ -113,7 +113,7 @@ class MonteCLoRALinearA(nn.Linear):
 
     def mixture_weights(self, stream: int, index: int) -> torch.Tensor:
         """pi ~ Dir(alpha), reparameterised, from the (seed, rank, stream, index, layer) stream."""
-        alpha = self._log_alpha().exp()
+        alpha = self.concentration
         generator = seeded_generator(alpha.device, self.source.key_seed(stream, index, self.layer_index))
         return dirichlet_rsample(alpha, generator)
 
@@ -157,7 +157,7 @@ class MonteCLoRALinearA(nn.Linear):
         index, row_sq, log_det = self.last_forward
         with torch.autocast(self.weight.device.type, enabled=False):
             log_v = self._log_v()
-            alpha = self._log_alpha().exp()
+            alpha = self.concentration
             pi = self.mixture_weights(STREAM_DIRICHLET, index)
             return {
                 "kl_gaussian": kl_gaussian(log_v, row_sq.to(log_v.device), log_det.to(log_v.device)),
