@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft import LoraConfig
 from trl import SFTConfig
 
 from monte_ds.config import MonteCLoRAConfig
@@ -39,6 +40,10 @@ MONTECLORA_ONLY = {
     "n_components", "sample_scaler", "kl_weight", "dirichlet_prior", "dirichlet_init", "wishart_df",
     "sparse_mixture", "posthoc", "sampler", "prefetch_layers",
 }
+# peft LoraConfig fields MonteCLoRAConfig does not offer (docs/training.md says why, per field).
+LORA_FIELDS_NOT_OFFERED = sorted(
+    {f.name for f in dataclasses.fields(LoraConfig)} - {f.name for f in dataclasses.fields(MonteCLoRAConfig)}
+)
 # SFTConfig fields this recipe owns: set elsewhere in the config or by the launcher.
 TRAINING_OWNED = {
     "deepspeed": "set it in distributed.deepspeed",
@@ -251,6 +256,10 @@ def validate_config(raw: dict[str, Any]) -> TrainConfig:
     training = raw.get("training")
     for key in TRAINING_OWNED.keys() & (training.keys() if isinstance(training, dict) else set()):
         raise UserError(f"training.{key}: not set here; {TRAINING_OWNED[key]}")
+    adapter = raw.get("adapter")
+    for key in LORA_FIELDS_NOT_OFFERED:
+        if isinstance(adapter, dict) and key in adapter:
+            raise UserError(f"adapter.{key}: peft's LoraConfig option {key!r} is not offered with MonteCLoRA (see docs/training.md)")
     schema.validate(raw, config_schema())
     model = ModelSection(**raw["model"])
     quantization = QuantizationSection(**raw.get("quantization", {}))
@@ -318,7 +327,8 @@ def _checked_deepspeed(deepspeed: dict[str, Any], adapter: MonteCLoRAConfig) -> 
     """Enforce what MonteCLoRA needs from ZeRO-3 (both are adjusted, with a log line, not refused).
 
     - `stage3_param_persistence_threshold` >= the size of v and alpha, so that ZeRO-3 keeps them
-      whole on every rank after the first step: the regulariser reads them outside the forward.
+      whole on every rank after the first step: the regulariser reads them outside the forward
+      (v has one entry per rank of its layer: the largest rank counts).
     - `stage3_gather_16bit_weights_on_model_save`: checkpoints then hold the whole adapter,
       not the empty files of the well-known trl/peft + ZeRO-3 bug.
     """
@@ -332,7 +342,7 @@ def _checked_deepspeed(deepspeed: dict[str, Any], adapter: MonteCLoRAConfig) -> 
         )
     if zero.get("stage") != 3:
         return deepspeed
-    needed = max(adapter.r, adapter.n_components)
+    needed = max(adapter.max_rank, adapter.n_components)
     threshold = zero.get("stage3_param_persistence_threshold", 100_000)
     if threshold != "auto" and (not isinstance(threshold, (int, float)) or threshold < needed):
         logger.warning(

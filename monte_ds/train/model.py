@@ -13,6 +13,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     BitsAndBytesConfig,
+    PretrainedConfig,
     PreTrainedModel,
     set_seed,
 )
@@ -22,7 +23,8 @@ from monte_ds.atomic import atomic_directory
 from monte_ds.errors import UserError
 from monte_ds.monteclora import get_monteclora_model
 from monte_ds.monteclora.model import lora_config
-from monte_ds.tiny import build_tiny_llama
+from monte_ds.monteclora.targets import module_names, target_problems
+from monte_ds.tiny import build_tiny_llama, tiny_llama_config
 from monte_ds.train.config import QuantizationSection, TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -39,16 +41,27 @@ def ensure_tiny_model(path: str | Path, texts: list[str], seed: int) -> None:
         build_tiny_llama(tmp, texts, seed=seed)
 
 
-def check_model_path(config: TrainConfig) -> None:
+def check_model_path(config: TrainConfig) -> PretrainedConfig:
     """Read the model's config (a local file or one small hub download) so that a wrong path or
-    hub id fails as a user error before anything is written; a tiny base still to build passes."""
+    hub id fails as a user error before anything is written; a tiny base still to build is the
+    tiny LLaMA's (its module names do not depend on the vocabulary it will get)."""
     model = config.model
     if model.build_tiny and not Path(model.path).exists():
-        return
+        return tiny_llama_config(vocab_size=512)
     try:
-        AutoConfig.from_pretrained(model.path, revision=model.revision, trust_remote_code=model.trust_remote_code)
+        return AutoConfig.from_pretrained(model.path, revision=model.revision, trust_remote_code=model.trust_remote_code)
     except (OSError, ValueError) as err:
         raise UserError(f"model.path: cannot load a model config from {model.path!r}: {str(err).splitlines()[0]}") from None
+
+
+def check_adapter_targets(config: TrainConfig, model_config: PretrainedConfig) -> None:
+    """Every adapter target must match a module of the model, built on the meta device (no
+    weights read): all the problems in one user error, before anything is written."""
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(model_config, trust_remote_code=config.model.trust_remote_code)
+    problems = target_problems(module_names(skeleton), config.adapter)
+    if problems:
+        raise UserError("; ".join(f"adapter.{problem}" for problem in problems))
 
 
 def load_tokenizer(config: TrainConfig) -> PreTrainedTokenizerBase:

@@ -44,6 +44,7 @@ from monte_ds.train.config import TrainConfig, load_config, training_arguments
 from monte_ds.train.data import dataset_texts, load_training_data, prepare_dataset
 from monte_ds.train.model import (
     attach_adapter,
+    check_adapter_targets,
     check_model_path,
     ensure_tiny_model,
     load_base_model,
@@ -93,7 +94,7 @@ def plan_run(argv: Sequence[str] | None) -> Plan:
     config = load_config(options.config, options.overrides)
     args = training_arguments(config)
     resume_from = _checkpoint_to_resume(config.output_dir, options.resume)
-    check_model_path(config)
+    check_adapter_targets(config, check_model_path(config))
     if config.eval.get("suites"):
         from monte_ds.evaluation import plan_evaluation
 

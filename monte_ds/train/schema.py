@@ -21,6 +21,9 @@ import jsonschema
 from monte_ds.errors import UserError
 
 MAX_LISTED_CHOICES = 8
+# "did you mean" only for a likely misspelling: difflib's default (0.6) offers 'kl_weight' for
+# 'init_lora_weight' and 'use_rslora' for 'use_dora'.
+SUGGESTION_CUTOFF = 0.8
 _SCALARS = {bool: "boolean", int: "integer", float: "number", str: "string", dict: "object", list: "array"}
 
 
@@ -71,7 +74,7 @@ def describe(error: jsonschema.ValidationError, root: str = "") -> str:
     if error.validator == "additionalProperties":
         known = sorted(error.schema.get("properties", {}))
         unknown = sorted(set(error.instance) - set(known))[0]
-        close = difflib.get_close_matches(unknown, known, n=1)
+        close = difflib.get_close_matches(unknown, known, n=1, cutoff=SUGGESTION_CUTOFF)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         return f"{_join(path, unknown)}: unknown key{hint}"
     if error.validator == "required":
@@ -90,7 +93,7 @@ def _enum_problem(choices: list[Any], value: Any) -> str:
     listed = ", ".join(json.dumps(choice) for choice in choices[:MAX_LISTED_CHOICES])
     more = f" and {len(choices) - MAX_LISTED_CHOICES} more" if len(choices) > MAX_LISTED_CHOICES else ""
     strings = [choice for choice in choices if isinstance(choice, str)]
-    close = difflib.get_close_matches(value, strings, n=1) if isinstance(value, str) else []
+    close = difflib.get_close_matches(value, strings, n=1, cutoff=SUGGESTION_CUTOFF) if isinstance(value, str) else []
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     return f"must be one of {listed}{more}, got {json.dumps(value)}{hint}"
 
