@@ -40,10 +40,8 @@ MONTECLORA_ONLY = {
     "n_components", "sample_scaler", "kl_weight", "dirichlet_prior", "dirichlet_init", "wishart_df",
     "sparse_mixture", "posthoc", "sampler", "prefetch_layers",
 }
-# peft LoraConfig fields MonteCLoRAConfig does not offer (docs/training.md says why, per field).
-LORA_FIELDS_NOT_OFFERED = sorted(
-    {f.name for f in dataclasses.fields(LoraConfig)} - {f.name for f in dataclasses.fields(MonteCLoRAConfig)}
-)
+# peft's LoraConfig fields: those the adapter section lacks are named as not offered (docs/training.md says why).
+LORA_FIELDS = {f.name for f in dataclasses.fields(LoraConfig)}
 # SFTConfig fields this recipe owns: set elsewhere in the config or by the launcher.
 TRAINING_OWNED = {
     "deepspeed": "set it in distributed.deepspeed",
@@ -256,11 +254,12 @@ def validate_config(raw: dict[str, Any]) -> TrainConfig:
     training = raw.get("training")
     for key in TRAINING_OWNED.keys() & (training.keys() if isinstance(training, dict) else set()):
         raise UserError(f"training.{key}: not set here; {TRAINING_OWNED[key]}")
+    full_schema = config_schema()
     adapter = raw.get("adapter")
-    for key in LORA_FIELDS_NOT_OFFERED:
-        if isinstance(adapter, dict) and key in adapter:
-            raise UserError(f"adapter.{key}: peft's LoraConfig option {key!r} is not offered with MonteCLoRA (see docs/training.md)")
-    schema.validate(raw, config_schema())
+    offered = full_schema["properties"]["adapter"]["properties"]
+    for key in sorted(LORA_FIELDS & set(adapter) - set(offered)) if isinstance(adapter, dict) else ():
+        raise UserError(f"adapter.{key}: peft's LoraConfig option {key!r} is not offered with MonteCLoRA (see docs/training.md)")
+    schema.validate(raw, full_schema)
     model = ModelSection(**raw["model"])
     quantization = QuantizationSection(**raw.get("quantization", {}))
     data = DataSection(**raw["data"])
