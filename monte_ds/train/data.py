@@ -1,26 +1,55 @@
-"""Training data: load a local file, a saved dataset, a hub dataset or a bundled file, and put it
-in one of the forms TRL's SFTTrainer tokenizes itself (`text`, `messages`, `prompt`/`completion`).
+"""Training data: load a local file, a saved dataset, a hub dataset or a bundled file, check every
+row, and put it in one of the forms TRL's SFTTrainer tokenizes itself (`text`, `messages`,
+`prompt`/`completion`).
 
 Alpaca records (instruction / input / output) become prompt/completion pairs with the Stanford
-Alpaca prompt, and format "template" builds the prompt from any columns (e.g. GSM8k's question):
-`training.completion_only_loss` (TRL's default for such pairs) then trains on the response only.
+Alpaca prompt, format "template" builds the prompt from any columns (e.g. GSM8k's question) and
+ShareGPT `conversations` become chat `messages`: `training.completion_only_loss` (TRL's default for
+prompt/completion pairs) then trains on the response only.
+
+Every problem is a `UserError` naming the file, the row (`line N` of a JSON-lines file, else `row
+N`) and the problem, raised before anything is written. With `data.on_bad_rows: "skip"` bad rows are
+dropped instead, with a warning saying how many and which.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import string
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import datasets
+import huggingface_hub
+from jinja2 import TemplateError
+from transformers import PreTrainedTokenizerBase
+from trl import SFTConfig
+from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+from trl.data_utils import common_prefix_length, is_conversational, maybe_convert_to_chatml
 
 from monte_ds.errors import UserError
+
+if TYPE_CHECKING:
+    from monte_ds.train.config import DataSection
+
+logger = logging.getLogger(__name__)
 
 BUNDLED_PREFIX = "bundled:"
 # Local files by extension -> the `datasets` builder that reads them.
 BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text", ".arrow": "arrow"}
 DATA_SUFFIXES = tuple(BUILDERS)
+TEXT_SUFFIXES = (".json", ".jsonl", ".csv", ".txt")  # empty when they hold only whitespace
+SAVED_DATASET_FILES = ("dataset_info.json", "dataset_dict.json")  # what `save_to_disk` leaves in a folder
+ON_BAD_ROWS = ("error", "skip")
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant"}  # ShareGPT speakers as chat roles
+LISTED_BAD_ROWS = 20  # a skip warning names this many rows, then counts the rest
+CHECK_BATCH_ROWS = 1024
 
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -33,6 +62,39 @@ ALPACA_PROMPT_NO_INPUT = (
 )
 
 
+@dataclass(frozen=True)
+class Source:
+    """Where a dataset's rows come from, to name them in messages: `line N` of a JSON-lines file
+    (the builder skips blank lines, so row i is the i-th non-blank line), else `row N`."""
+
+    name: str
+    json_lines: Path | None = None
+    lines: tuple[int, ...] | None = None  # the rows' line numbers, when some lines were dropped
+    kept: tuple[int, ...] | None = None  # after bad rows were skipped: each row's index before
+
+    def where(self, indices: Sequence[int]) -> list[str]:
+        if self.kept is not None:
+            indices = [self.kept[index] for index in indices]
+        if self.lines is not None:
+            return [f"line {self.lines[index]}" for index in indices]
+        if self.json_lines is None:
+            return [f"row {index + 1}" for index in indices]
+        wanted, found, row = set(indices), {}, -1
+        with self.json_lines.open(encoding="utf-8", errors="replace") as file:
+            for number, line in enumerate(file, 1):  # only on the error path: one pass, stops early
+                if line.strip():
+                    row += 1
+                    if row in wanted:
+                        found[row] = number
+                        if len(found) == len(wanted):
+                            break
+        return [f"line {found[index]}" for index in indices]
+
+    def keeping(self, rows: Sequence[int]) -> Source:
+        """The source of `dataset.select(rows)`."""
+        return replace(self, kept=tuple(self.kept[row] for row in rows) if self.kept is not None else tuple(rows))
+
+
 def bundled_path(path: str) -> Path:
     """`bundled:NAME` -> the file NAME shipped in `monte_ds/data/` (works from any directory)."""
     name = path.removeprefix(BUNDLED_PREFIX)
@@ -43,24 +105,133 @@ def bundled_path(path: str) -> Path:
     return located
 
 
-def load_training_data(path: str, split: str = "train", subset: str | None = None) -> datasets.Dataset:
-    """One split of a local file, a `save_to_disk` folder, a data folder, a bundled file or a hub dataset."""
+@contextmanager
+def quiet_progress() -> Iterator[None]:
+    """No `datasets` progress bars on stderr while checking: an error must stay one line."""
+    was_disabled = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
     try:
-        if path.startswith(BUNDLED_PREFIX):
-            return datasets.load_dataset("json", data_files=str(bundled_path(path)), split="train")
-        local = Path(path).expanduser()
-        if local.is_file():
-            if local.suffix not in BUILDERS:
-                raise UserError(f"data.path: unsupported file type {local.suffix!r} (use {', '.join(BUILDERS)})")
-            return datasets.load_dataset(BUILDERS[local.suffix], data_files=str(local), split="train")
-        if (local / "dataset_info.json").is_file() or (local / "dataset_dict.json").is_file():
+        yield
+    finally:
+        if not was_disabled:
+            datasets.enable_progress_bars()
+
+
+def training_dataset(data: DataSection) -> tuple[datasets.Dataset, Source]:
+    """The `data` section's rows, checked (bad rows raise or are skipped, per `on_bad_rows`) and converted."""
+    with quiet_progress():
+        dataset, source = load_source(data.path, data.split, data.subset, data.on_bad_rows)
+        return _prepare(dataset, source, data.format, data.max_samples, data.prompt_template, data.completion_column, data.on_bad_rows)
+
+
+def load_training_data(path: str, split: str = "train", subset: str | None = None) -> datasets.Dataset:
+    """One split of a local file, a `save_to_disk` folder, a bundled file or a hub dataset."""
+    return load_source(path, split, subset)[0]
+
+
+def load_source(
+    path: str, split: str = "train", subset: str | None = None, on_bad_rows: str = "error"
+) -> tuple[datasets.Dataset, Source]:
+    if path.startswith(BUNDLED_PREFIX):
+        return _load_file(bundled_path(path), path, on_bad_rows)
+    local = Path(path).expanduser()
+    if local.is_file():
+        return _load_file(local, path, on_bad_rows)
+    try:
+        if local.is_dir():
+            if not any((local / name).is_file() for name in SAVED_DATASET_FILES):
+                raise UserError(
+                    f"data.path: {path} is a directory but not a saved dataset ({' or '.join(SAVED_DATASET_FILES)}); "
+                    f"point data.path at a data file ({', '.join(BUILDERS)})"
+                )
             saved = datasets.load_from_disk(str(local))
-            return saved[split] if isinstance(saved, datasets.DatasetDict) else saved
-        return datasets.load_dataset(path, name=subset, split=split)
+            return (saved[split] if isinstance(saved, datasets.DatasetDict) else saved), Source(path)
+        return datasets.load_dataset(path, name=subset, split=split), Source(f"{path} (split {split})")
     except UserError:
         raise
     except (OSError, ValueError, KeyError, datasets.exceptions.DatasetNotFoundError) as err:
-        raise UserError(f"data.path: cannot load {path!r}: {err}") from None
+        if not local.exists() and huggingface_hub.is_offline_mode():
+            raise UserError(
+                f"data.path: {path!r} is not a local file or folder, and the hub is offline (HF_HUB_OFFLINE=1) "
+                "with no cached copy of it"
+            ) from None
+        raise UserError(f"data.path: cannot load {path!r}: {_first_line(err)}") from None
+
+
+def _load_file(local: Path, name: str, on_bad_rows: str) -> tuple[datasets.Dataset, Source]:
+    if local.suffix not in BUILDERS:
+        raise UserError(f"data.path: unsupported file type {local.suffix!r} (use {', '.join(BUILDERS)})")
+    if _is_empty(local):
+        raise UserError(f"data: {name} is empty")
+    json_lines = _is_json_lines(local)
+    try:
+        dataset = datasets.load_dataset(BUILDERS[local.suffix], data_files=str(local), split="train")
+    except (ValueError, datasets.exceptions.DatasetGenerationError) as err:
+        if local.suffix not in (".json", ".jsonl"):
+            raise UserError(f"data: cannot read {name}: {_first_line(err)}") from None
+        return _parse_json(local, name, json_lines, on_bad_rows)  # the builder does not say which line
+    except OSError as err:
+        raise UserError(f"data: cannot read {name}: {_first_line(err)}") from None
+    return dataset, Source(name, json_lines=local if json_lines else None)
+
+
+def _is_empty(path: Path) -> bool:
+    if path.suffix not in TEXT_SUFFIXES:
+        return path.stat().st_size == 0
+    with path.open("rb") as file:
+        while chunk := file.read(1 << 16):  # stops at the first non-blank chunk
+            if chunk.strip():
+                return False
+    return True
+
+
+def _is_json_lines(path: Path) -> bool:
+    """A `.jsonl` file, or a `.json` one that is not one JSON array."""
+    if path.suffix == ".jsonl":
+        return True
+    if path.suffix != ".json":
+        return False
+    with path.open("rb") as file:
+        while chunk := file.read(1 << 16):
+            if stripped := chunk.lstrip():
+                return not stripped.startswith(b"[")
+    return False
+
+
+def _parse_json(path: Path, name: str, json_lines: bool, on_bad_rows: str) -> tuple[datasets.Dataset, Source]:
+    """A JSON file the builder refused, parsed here to name the bad lines (and skip them if asked)."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if not json_lines:
+        try:
+            document = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise UserError(f"data: {name} line {err.lineno}: not valid JSON ({err.msg}, column {err.colno})") from None
+        entries = list(enumerate(document, 1)) if isinstance(document, list) else [(1, document)]
+        where = "row"
+    else:
+        entries, where = [], "line"
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    entries.append((number, json.loads(line)))
+                except json.JSONDecodeError as err:
+                    entries.append((number, err))
+    records, numbers, bad = [], [], []
+    for number, entry in entries:
+        if isinstance(entry, json.JSONDecodeError):
+            bad.append((f"{where} {number}", f"not valid JSON ({entry.msg}, column {entry.colno})"))
+        elif not isinstance(entry, dict):
+            bad.append((f"{where} {number}", f"not a JSON object ({_json_kind(entry)})"))
+        else:
+            records.append(entry)
+            numbers.append(number)
+    _report_bad_rows(name, bad, len(entries), on_bad_rows)
+    try:
+        dataset = datasets.Dataset.from_list(records, on_mixed_types="use_json")
+    except (ValueError, TypeError) as err:
+        raise UserError(f"data: cannot read {name}: {_first_line(err)}") from None
+    source = Source(name, lines=tuple(numbers)) if json_lines else Source(name)
+    return dataset, source
 
 
 def detect_format(columns: list[str]) -> str:
@@ -94,8 +265,19 @@ def alpaca_to_prompt_completion(record: dict[str, Any]) -> dict[str, str]:
     return {"prompt": template.format(instruction=record["instruction"].strip(), input=context), "completion": record["output"]}
 
 
+def placeholders(template: str) -> set[str]:
+    """The `{column}` names of a prompt template."""
+    return {name for _, name, _, _ in string.Formatter().parse(template) if name}
+
+
 def template_to_prompt_completion(record: dict[str, Any], template: str, completion_column: str) -> dict[str, str]:
     return {"prompt": template.format(**record), "completion": record[completion_column]}
+
+
+def sharegpt_to_messages(record: dict[str, Any]) -> dict[str, list[dict[str, str]]]:
+    """ShareGPT turns ({"from": "human" | "gpt" | ..., "value"}) as chat messages (role, content)."""
+    turns = maybe_convert_to_chatml({"conversations": record["conversations"]})["messages"]
+    return {"messages": [{"role": SHAREGPT_ROLES.get(turn["role"], turn["role"]), "content": turn["content"]} for turn in turns]}
 
 
 def prepare_dataset(
@@ -104,31 +286,250 @@ def prepare_dataset(
     max_samples: int | None = None,
     prompt_template: str | None = None,
     completion_column: str = "completion",
+    on_bad_rows: str = "error",
 ) -> datasets.Dataset:
-    """Select the first `max_samples` records and convert them to a form SFTTrainer reads."""
+    """Select the first `max_samples` records, check them and convert them to a form SFTTrainer reads."""
+    args = (data_format, max_samples, prompt_template, completion_column, on_bad_rows)
+    return _prepare(dataset, Source("the dataset"), *args)[0]
+
+
+def _prepare(
+    dataset: datasets.Dataset,
+    source: Source,
+    data_format: str,
+    max_samples: int | None,
+    prompt_template: str | None,
+    completion_column: str,
+    on_bad_rows: str,
+) -> tuple[datasets.Dataset, Source]:
     if max_samples is not None:
         dataset = dataset.select(range(min(max_samples, len(dataset))))
     if len(dataset) == 0:
-        raise UserError("data.path: the dataset is empty")
+        raise UserError(f"data: {source.name} has no rows")
     data_format = detect_format(dataset.column_names) if data_format == "auto" else data_format
     missing = [column for column in REQUIRED_COLUMNS[data_format] if column not in dataset.column_names]
     if data_format == "messages" and not {"messages", "conversations"} & set(dataset.column_names):
         missing = ["messages"]
     if missing:
         raise UserError(f"data.format: {data_format!r} needs the column(s) {missing}; the data has {dataset.column_names}")
-    if data_format == "alpaca":
-        return dataset.map(alpaca_to_prompt_completion, remove_columns=dataset.column_names)
     if data_format == "template":
-        placeholders = {name for _, name, _, _ in string.Formatter().parse(prompt_template) if name}
-        absent = sorted((placeholders | {completion_column}) - set(dataset.column_names))
+        absent = sorted((placeholders(prompt_template) | {completion_column}) - set(dataset.column_names))
         if absent:
             raise UserError(f"data.prompt_template: no column(s) {absent} in the data (columns: {dataset.column_names})")
-        return dataset.map(
+    checks = _field_checks(dataset, data_format, prompt_template, completion_column)
+    dataset, source = _without_bad_rows(dataset, checks, source, on_bad_rows)
+    if data_format == "alpaca":
+        dataset = dataset.map(alpaca_to_prompt_completion, remove_columns=dataset.column_names)
+    elif data_format == "template":
+        dataset = dataset.map(
             template_to_prompt_completion,
             fn_kwargs={"template": prompt_template, "completion_column": completion_column},
             remove_columns=dataset.column_names,
         )
-    return dataset
+    elif data_format == "messages" and "messages" not in dataset.column_names:
+        dataset = dataset.map(sharegpt_to_messages, remove_columns=["conversations"])
+    return dataset, source
+
+
+# -- row checks ----------------------------------------------------------------------------------------
+Check = Callable[[Any], "str | None"]  # a field's value -> its problem, or None when it is fine
+
+
+def _json_kind(value: Any) -> str:
+    kinds = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list", dict: "an object"}
+    return "null" if value is None else kinds.get(type(value), type(value).__name__)
+
+
+def _string(value: Any) -> str | None:
+    if value is None:
+        return "is missing or null"
+    return None if isinstance(value, str) else f"is {_json_kind(value)}, not a string"
+
+
+def _optional_string(value: Any) -> str | None:
+    return None if value is None else _string(value)
+
+
+def _present(value: Any) -> str | None:
+    return "is missing or null" if value is None else None
+
+
+def _conversation(roles: Sequence[str]) -> Check:
+    def check(value: Any) -> str | None:
+        if value is None:
+            return "is missing or null"
+        if not isinstance(value, list):
+            return f"is {_json_kind(value)}, not a list of messages"
+        if not value:
+            return "is an empty conversation"
+        for number, message in enumerate(value, 1):
+            if not isinstance(message, dict):
+                return f"message {number} is {_json_kind(message)}, not an object"
+            role = message.get("role", message.get("from"))
+            content = message.get("content", message.get("value"))
+            if role not in roles:
+                return f"message {number} has {'no role' if role is None else f'the unknown role {role!r}'} (known: {', '.join(roles)})"
+            if not isinstance(content, str):
+                return f"message {number} content {_string(content)}"
+        return None
+
+    return check
+
+
+def _text_or_conversation(value: Any) -> str | None:
+    return _conversation(CHAT_ROLES)(value) if isinstance(value, list) else _string(value)
+
+
+def _field_checks(
+    dataset: datasets.Dataset, data_format: str, prompt_template: str | None, completion_column: str
+) -> dict[str, Check]:
+    """The check of each column a format reads."""
+    if data_format == "alpaca":
+        checks = {"instruction": _string, "output": _string}
+        return checks | ({"input": _optional_string} if "input" in dataset.column_names else {})
+    if data_format == "prompt_completion":
+        return {"prompt": _text_or_conversation, "completion": _text_or_conversation}
+    if data_format == "text":
+        return {"text": _string}
+    if data_format == "messages":
+        if "messages" in dataset.column_names:
+            return {"messages": _conversation(CHAT_ROLES)}
+        return {"conversations": _conversation((*CHAT_ROLES, *SHAREGPT_ROLES))}
+    fields = placeholders(prompt_template) - {completion_column}
+    return {name: _present for name in sorted(fields)} | {completion_column: _string}
+
+
+def _needs_row_checks(dataset: datasets.Dataset, column: str, check: Check) -> bool:
+    """False when the column's type and null count already prove every value passes (the usual
+    case: then checking costs nothing)."""
+    feature = dataset.features[column]
+    is_string = isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
+    has_nulls = dataset.data.column(column).null_count > 0
+    if check is _present or (is_string and check in (_string, _text_or_conversation)):
+        return has_nulls
+    return not (is_string and check is _optional_string)
+
+
+def _without_bad_rows(
+    dataset: datasets.Dataset, checks: dict[str, Check], source: Source, on_bad_rows: str
+) -> tuple[datasets.Dataset, Source]:
+    """Raise on the first bad row (counting them all), or drop the bad rows with a warning."""
+    checks = {column: check for column, check in checks.items() if _needs_row_checks(dataset, column, check)}
+    if not checks:
+        return dataset, source
+    bad: list[tuple[int, str]] = []
+    index = 0
+    for batch in dataset.select_columns(list(checks)).iter(batch_size=CHECK_BATCH_ROWS):
+        for values in zip(*(batch[column] for column in checks)):
+            for (column, check), value in zip(checks.items(), values):
+                if (problem := check(value)) is not None:
+                    bad.append((index, f"{column!r} {problem}"))
+                    break
+            index += 1
+    if not bad:
+        return dataset, source
+    shown = bad[:1] if on_bad_rows == "error" else bad[:LISTED_BAD_ROWS]
+    located = list(zip(source.where([row for row, _ in shown]), (problem for _, problem in shown)))
+    _report_bad_rows(source.name, located, len(dataset), on_bad_rows, len(bad))
+    skipped = {row for row, _ in bad}
+    kept = [row for row in range(len(dataset)) if row not in skipped]
+    return dataset.select(kept), source.keeping(kept)
+
+
+def _report_bad_rows(
+    name: str, bad: list[tuple[str, str]], total: int, on_bad_rows: str, count: int | None = None
+) -> None:
+    """`bad` holds (where, problem) of the first bad rows; `count` of them all (default len(bad))."""
+    count = len(bad) if count is None else count
+    if not count:
+        return
+    where, problem = bad[0]
+    if on_bad_rows == "error":
+        raise UserError(
+            f"data: {name} {where}: {problem} ({count} of {total} rows bad; "
+            'set data.on_bad_rows="skip" to train without them)'
+        )
+    if count == total:
+        raise UserError(f"data: every row of {name} is bad, nothing to train on ({where}: {problem})")
+    listed = ", ".join(f"{where} ({problem})" for where, problem in bad[:LISTED_BAD_ROWS])
+    more = f" and {count - LISTED_BAD_ROWS} more" if count > LISTED_BAD_ROWS else ""
+    logger.warning("data: skipping %d of %d rows of %s: %s%s", count, total, name, listed, more)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+# -- trainable tokens ----------------------------------------------------------------------------------
+def check_trainable_tokens(
+    dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, args: SFTConfig, source: Source
+) -> None:
+    """Refuse a dataset in which no row keeps a single trainable token once TRL has templated,
+    masked and truncated it (TRL would drop every row and fail later, after writing). Rows are
+    tokenized one at a time as TRL does, stopping at the first row that has one: the first, usually."""
+    completion_only = args.completion_only_loss
+    if completion_only is None:  # TRL's default: completion-only for prompt/completion data
+        completion_only = {"prompt", "completion"} <= set(dataset.column_names)
+    chat_template = None
+    if args.assistant_only_loss:
+        if not is_conversational(maybe_convert_to_chatml(dict(dataset[0]))):
+            raise UserError("training.assistant_only_loss: only applies to chat data (messages); this data is not")
+        if not has_generation_markers(tokenizer.chat_template or ""):
+            try:
+                chat_template = get_training_chat_template(tokenizer)
+            except ValueError as err:
+                raise UserError(f"training.assistant_only_loss: {_first_line(err)}") from None
+    for index, row in enumerate(dataset):
+        try:
+            mask = _loss_mask(dict(row), tokenizer, args, completion_only, chat_template)
+        except (ValueError, TemplateError) as err:
+            raise UserError(f"data: {source.name} {source.where([index])[0]}: cannot template it: {_first_line(err)}") from None
+        if args.max_length is not None and not args.packing:
+            mask = mask[-args.max_length :] if args.truncation_mode == "keep_end" else mask[: args.max_length]
+        if any(mask):
+            return
+    if args.assistant_only_loss:
+        reason = "training.assistant_only_loss is set but no assistant token survives"
+    elif completion_only:
+        reason = "the loss is on completions only and every prompt fills training.max_length"
+    else:
+        reason = "every sequence is empty"
+    raise UserError(
+        f"data: no row of {source.name} has a trainable token after templating and truncation to "
+        f"training.max_length={args.max_length} ({reason}); raise training.max_length or shorten the prompts"
+    )
+
+
+def _loss_mask(
+    row: dict[str, Any], tokenizer: PreTrainedTokenizerBase, args: SFTConfig, completion_only: bool, chat_template: str | None
+) -> list[int]:
+    """1 for each token of the row's training sequence that TRL's labels keep, before truncation."""
+    row = maybe_convert_to_chatml(row)
+    chat = {"tokenize": True, "return_dict": True, "chat_template": chat_template}
+    if "prompt" in row:
+        if is_conversational(row):
+            prompt_ids = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, **chat)["input_ids"]
+            full = tokenizer.apply_chat_template(
+                row["prompt"] + row["completion"], return_assistant_tokens_mask=args.assistant_only_loss, **chat
+            )
+        else:
+            completion = row["completion"]
+            completion += "" if completion.endswith(tokenizer.eos_token) else tokenizer.eos_token
+            prompt_ids = tokenizer(text=row["prompt"])["input_ids"]
+            full = tokenizer(text=row["prompt"] + completion)
+        start = common_prefix_length(prompt_ids, full["input_ids"]) if completion_only else 0
+        mask = [0] * start + [1] * (len(full["input_ids"]) - start)
+    elif is_conversational(row):
+        full = tokenizer.apply_chat_template(row["messages"], return_assistant_tokens_mask=args.assistant_only_loss, **chat)
+        mask = [1] * len(full["input_ids"])
+    else:
+        text = row[args.dataset_text_field]
+        full = tokenizer(text=text if text.endswith(tokenizer.eos_token) else text + tokenizer.eos_token)
+        mask = [1] * len(full["input_ids"])
+    if "assistant_masks" in full:
+        mask = [bit and assistant for bit, assistant in zip(mask, full["assistant_masks"])]
+    return mask
 
 
 def dataset_texts(dataset: datasets.Dataset) -> list[str]:

@@ -33,6 +33,7 @@ from typing import Any
 import datasets
 import torch
 import transformers
+from transformers import PreTrainedTokenizerBase
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 from trl import SFTConfig
 
@@ -41,7 +42,8 @@ from monte_ds.atomic import atomic_write_json
 from monte_ds.errors import UserError
 from monte_ds.train import checkpoints
 from monte_ds.train.config import TrainConfig, load_config, training_arguments
-from monte_ds.train.data import dataset_texts, load_training_data, prepare_dataset
+from monte_ds.tiny import build_tokenizer
+from monte_ds.train.data import check_trainable_tokens, dataset_texts, training_dataset
 from monte_ds.train.model import (
     attach_adapter,
     check_adapter_targets,
@@ -102,10 +104,20 @@ def plan_run(argv: Sequence[str] | None) -> Plan:
             plan_evaluation(config.eval)
         except UserError as err:
             raise UserError(f"eval.{err}") from None
-    data = config.data
-    raw = load_training_data(data.path, data.split, data.subset)
-    dataset = prepare_dataset(raw, data.format, data.max_samples, data.prompt_template, data.completion_column)
+    dataset, source = training_dataset(config.data)
+    check_trainable_tokens(dataset, _planning_tokenizer(config, dataset), args, source)
     return Plan(config, args, dataset, resume_from)
+
+
+def _planning_tokenizer(config: TrainConfig, dataset: datasets.Dataset) -> PreTrainedTokenizerBase:
+    """The run's tokenizer, to check the data before anything is written: a tiny base still to
+    build gets, in memory, the tokenizer `ensure_tiny_model` will save."""
+    if config.model.build_tiny and not Path(config.model.path).exists():
+        return build_tokenizer(dataset_texts(dataset))
+    try:
+        return load_tokenizer(config)
+    except (OSError, ValueError) as err:
+        raise UserError(f"model.path: cannot load a tokenizer from {config.model.path!r}: {str(err).splitlines()[0]}") from None
 
 
 def _checkpoint_to_resume(output_dir: Path, resume: bool) -> Path | None:
