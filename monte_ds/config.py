@@ -135,6 +135,11 @@ class MonteCLoRAConfig:
         )
         require(isinstance(self.loftq_config, dict), "loftq_config", "a mapping (peft's LoftQConfig fields)")
         require(self.eva_config is None or isinstance(self.eva_config, dict), "eva_config", "null or a mapping (peft's EvaConfig fields)")
+        require(
+            self.init_lora_weights != "eva" or (self.eva_config or {}).get("rho") == 1,
+            "eva_config",
+            "{'rho': 1} with init_lora_weights 'eva' (EVA's rank redistribution rebuilds peft's layers without MonteCLoRA)",
+        )
 
     @property
     def max_rank(self) -> int:

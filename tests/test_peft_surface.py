@@ -102,3 +102,16 @@ def test_wishart_df_is_checked_against_the_largest_rank():
     MonteCLoRAConfig(r=4, rank_pattern={"q_proj": 16}, wishart_df=16)
     with pytest.raises(ValueError, match=r"wishart_df must be null or >= the largest rank \(16\), got 8"):
         MonteCLoRAConfig(r=4, rank_pattern={"q_proj": 16}, wishart_df=8)
+
+
+def test_train_fine_tunes_causal_lms_and_records_the_task_type(tmp_path):
+    config = load_config(write_train_config(tmp_path, tmp_path / "m", {}, build_tiny=True))
+    assert config.adapter.task_type == "CAUSAL_LM" and config.to_dict()["adapter"]["task_type"] == "CAUSAL_LM"
+    with pytest.raises(UserError, match="adapter.task_type: monte-ds train fine-tunes causal LMs"):
+        load_config(write_train_config(tmp_path, tmp_path / "m", {"task_type": "SEQ_CLS"}, build_tiny=True))
+
+
+def test_eva_must_keep_the_ranks():
+    MonteCLoRAConfig(init_lora_weights="eva", eva_config={"rho": 1})
+    with pytest.raises(ValueError, match="eva_config must be {'rho': 1} with init_lora_weights 'eva'"):
+        MonteCLoRAConfig(init_lora_weights="eva")
