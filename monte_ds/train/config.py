@@ -26,7 +26,7 @@ from monte_ds.config import MonteCLoRAConfig
 from monte_ds.errors import UserError
 from monte_ds.evaluation.options import EvalOptions
 from monte_ds.train import schema
-from monte_ds.train.data import BUNDLED_PREFIX, DATA_SUFFIXES, bundled_path
+from monte_ds.train.data import BUNDLED_PREFIX, DATA_SUFFIXES, ON_BAD_ROWS, bundled_path
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +110,7 @@ def config_schema() -> dict[str, Any]:
                     "max_samples": {"type": ["integer", "null"], "minimum": 1},
                     "prompt_template": {"type": ["string", "null"]},
                     "completion_column": {"type": "string", "minLength": 1},
+                    "on_bad_rows": {"enum": list(ON_BAD_ROWS)},
                 },
                 required=["path"],
             ),
@@ -160,6 +161,7 @@ class DataSection:
     max_samples: int | None = None
     prompt_template: str | None = None  # format "template": the prompt, with {column} placeholders
     completion_column: str = "completion"  # format "template": the column trained on
+    on_bad_rows: str = "error"  # "skip": drop rows that fail the checks, with a warning naming them
 
 
 @dataclass(frozen=True)
