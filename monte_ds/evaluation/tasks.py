@@ -19,6 +19,7 @@ from lm_eval.tasks._yaml_loader import load_yaml
 
 from monte_ds.errors import UserError
 from monte_ds.evaluation import humaneval
+from monte_ds.evaluation.data_check import check_task_files
 
 logger = logging.getLogger(__name__)
 
@@ -86,9 +87,10 @@ def _read_offline(config: dict[str, Any], files: dict[str, Path]) -> dict[str, A
 def task_configs(
     manager: TaskManager, names: list[str], data_dir: str | None, num_fewshot: int | None, humaneval_samples: int
 ) -> dict[str, dict[str, Any]]:
-    """Resolved task configs; offline, first checks that every data file exists.
+    """Resolved task configs; offline, first checks that every data file exists, then every row.
 
-    Raises one `UserError` listing, per task, exactly the files that are missing.
+    Raises one `UserError` listing, per task, exactly the files that are missing, or naming
+    the task, file and line of the first bad row (`data_check`).
     """
     configs, missing = {}, {}
     for name in names:
@@ -105,6 +107,9 @@ def task_configs(
     if missing:
         listing = "; ".join(f"{name}: {', '.join(paths)}" for name, paths in missing.items())
         raise UserError(f"data_dir: missing data files (layout in docs/evaluation.md) -- {listing}")
+    for name, config in configs.items():
+        if config.get("dataset_path") == "json":  # read offline, from data_dir
+            check_task_files(name, config)
     return configs
 
 
