@@ -43,8 +43,7 @@ class MonteCLoRAConfig:
     sparse_mixture: bool = False
     posthoc: bool = False
     seed: int = 0
-    sampler: Literal["async", "sync"] = "async"
-    prefetch_layers: int = 2
+    sampler: Literal["auto", "async", "sync"] = "auto"
     modules_to_save: list[str] | None = field(default=None)
     task_type: Literal[TASK_TYPES] | None = None
     exclude_modules: list[str] | str | None = None
@@ -106,8 +105,7 @@ class MonteCLoRAConfig:
         require(isinstance(self.sparse_mixture, bool), "sparse_mixture", "a bool")
         require(isinstance(self.posthoc, bool), "posthoc", "a bool")
         require(is_int(self.seed) and self.seed >= 0, "seed", "an integer >= 0")
-        require(self.sampler in ("async", "sync"), "sampler", "'async' or 'sync'")
-        require(is_int(self.prefetch_layers) and self.prefetch_layers >= 1, "prefetch_layers", ">= 1")
+        require(self.sampler in ("auto", "async", "sync"), "sampler", "'auto', 'async' or 'sync'")
         for name in ("exclude_modules", "layers_pattern"):
             value = getattr(self, name)
             require(

@@ -23,7 +23,10 @@ from monte_ds import (
     save_adapter,
 )
 from monte_ds.monteclora.layer import MonteCLoRALinearA
+from monte_ds.monteclora.math import STREAM_DIRICHLET, STREAM_TRAIN, dirichlet_sample, draw_bartlett, seeded_generator, stream_seed
 from tests.conftest import QUANTIZATIONS, VOCAB, tiny_config
+
+CPU = torch.device("cpu")
 
 
 def build(load_base, quantization=None, **overrides):
@@ -93,7 +96,7 @@ def test_targets_matching_nothing_are_an_error(load_base):
 def test_mean_of_train_outputs_converges_to_eval_output(load_base):
     model = build(load_base)
     lora_layer = model.base_model.model.model.layers[0].self_attn.q_proj
-    source = first_layer(model).source
+    engine = first_layer(model).engine
     x = torch.randn(3, 64, generator=torch.Generator().manual_seed(1))
     model.eval()
     with torch.no_grad():
@@ -101,7 +104,7 @@ def test_mean_of_train_outputs_converges_to_eval_output(load_base):
         model.train()
         samples = []
         for _ in range(2000):
-            source.begin_training_forward()
+            engine.begin_training_forward()
             samples.append(lora_layer(x))
     samples = torch.stack(samples)
     standard_error = samples.std(0) / math.sqrt(len(samples))
@@ -122,8 +125,8 @@ def test_noise_covariance_matches_design(load_base):
     per_draw = []
     with torch.no_grad():
         for _ in range(3000):
-            layer.source.begin_training_forward()
-            noise = (layer.sampled_weight() - layer.weight) / layer.sample_scaler
+            layer.engine.begin_training_forward()
+            noise = (layer.sampled_weight() - layer.weight) / layer.engine.config.sample_scaler
             per_draw.append(noise @ noise.T / noise.shape[1])
     per_draw = torch.stack(per_draw)
     a0 = alpha.sum()
@@ -267,16 +270,23 @@ def test_meta_device_initialisation(load_base, tmp_path, input_ids):
 # 9: sparse mixture and post-hoc modes (paper §6.4) ---------------------------------------------------------
 @pytest.mark.parametrize("sparse", [False, True])
 def test_sparse_mixture_uses_a_one_hot_mixture(load_base, sparse):
+    """dA = eps * ||pi|| * diag(sqrt v) * noise, with the noise and pi rebuilt from the seeding
+    scheme: group 0 (q_proj's shape) drawn from (seed, rank, STREAM_TRAIN, forward, group 0), pi
+    of all layers from (seed, rank, STREAM_DIRICHLET, forward, device partition 0)."""
     model = build(load_base, sparse_mixture=sparse)
-    layer = first_layer(model)
+    layers = list(monteclora_layers(model))
+    layer = layers[0]
+    same_shape = [other for other in layers if (other.out_features, other.in_features) == (layer.out_features, layer.in_features)]
     model.train()
-    layer.source.begin_training_forward()
+    layer.engine.begin_training_forward()
+    index = layer.engine.current_index
     with torch.no_grad():
         delta = layer.sampled_weight() - layer.weight
-        draw = layer.source._compute((0, layer.source.current_index, layer.layer_index), torch.device("cpu"))
-        pi = layer.mixture_weights(1, layer.source.current_index)
+        noise = draw_bartlett(len(same_shape), 4, layer.in_features, 4.0, seeded_generator(CPU, stream_seed(0, 0, STREAM_TRAIN, index, 0)), CPU).noise[0]
+        alpha = torch.cat([other.concentration_log for other in layers]).exp()
+        pi = dirichlet_sample(alpha, seeded_generator(CPU, stream_seed(0, 0, STREAM_DIRICHLET, index, 0)))[0]
     norm = 1.0 if sparse else pi.norm()
-    expected = layer.sample_scaler * norm * layer.wishart_scale.sqrt().unsqueeze(1) * draw.noise
+    expected = 0.5 * norm * layer.wishart_scale.sqrt().unsqueeze(1) * noise
     assert torch.allclose(delta, expected, atol=1e-6)
     assert sparse or pi.norm() < 1  # a soft mixture of N > 1 components has ||pi|| < 1
 

@@ -69,45 +69,71 @@ def test_wishart_kl_matches_the_general_closed_form(v):
 
 @pytest.mark.parametrize("v", [[1.0, 1.0, 1.0, 1.0], [0.1, 2.0, 3.0, 0.5], [1e-8, 1e8, 1.0, 1.0]])
 def test_gaussian_kl_matches_torch_distributions(v):
-    r = 4
-    draw = draw_bartlett(r, 8, float(r), seeded_generator(CPU, 7), CPU)
+    """Each layer of one batched draw: its KL from row_sq / log_det equals torch's KL of the
+    Gaussian whose Cholesky factor is rebuilt from the same generator stream."""
+    r, layers = 4, 3
+    draw = draw_bartlett(layers, r, 8, float(r), seeded_generator(CPU, 7), CPU)
     log_v = torch.tensor(v, dtype=torch.float64).log()
     # rebuild L = diag(sqrt v) L_B from the same generator stream, independently of row_sq / log_det
     g = seeded_generator(CPU, 7)
-    torch.randn(r, 8, generator=g)
-    lower = torch.randn(r, r, generator=g).tril(-1)
-    chi2 = 2 * torch._standard_gamma((r - torch.arange(r, dtype=torch.float32)) / 2, generator=g)
-    chol = (lower + torch.diag(chi2.sqrt())).double() * log_v.mul(0.5).exp().unsqueeze(1)
-    got = kl_gaussian(log_v, draw.row_sq.double(), draw.log_det.double())
-    if max(v) <= 10:
-        expected = kl_divergence(
-            MultivariateNormal(torch.zeros(r, dtype=torch.float64), scale_tril=chol),
-            MultivariateNormal(torch.zeros(r, dtype=torch.float64), torch.eye(r, dtype=torch.float64)),
-        )
-        assert torch.allclose(got, expected, rtol=1e-5)
-    assert torch.isfinite(kl_gaussian(log_v.float(), draw.row_sq, draw.log_det))
+    torch.randn(layers, r, 8, generator=g)
+    lower = torch.randn(layers, r, r, generator=g).tril(-1)
+    half_dof = ((r - torch.arange(r, dtype=torch.float32)) / 2).expand(layers, r).contiguous()
+    chi2 = 2 * torch._standard_gamma(half_dof, generator=g)
+    got = kl_gaussian(log_v.expand(layers, r), draw.row_sq.double(), draw.log_det.double())
+    assert got.shape == (layers,)
+    for layer in range(layers):
+        chol = (lower[layer] + torch.diag(chi2[layer].sqrt())).double() * log_v.mul(0.5).exp().unsqueeze(1)
+        if max(v) <= 10:
+            expected = kl_divergence(
+                MultivariateNormal(torch.zeros(r, dtype=torch.float64), scale_tril=chol),
+                MultivariateNormal(torch.zeros(r, dtype=torch.float64), torch.eye(r, dtype=torch.float64)),
+            )
+            assert torch.allclose(got[layer], expected, rtol=1e-5)
+    assert torch.isfinite(kl_gaussian(log_v.float(), draw.row_sq, draw.log_det)).all()
+
+
+def test_noise_is_the_bartlett_factor_times_a_standard_normal():
+    r, layers, n_in = 3, 2, 5
+    draw = draw_bartlett(layers, r, n_in, 4.0, seeded_generator(CPU, 9), CPU)
+    g = seeded_generator(CPU, 9)
+    z = torch.randn(layers, r, n_in, generator=g)
+    lower = torch.randn(layers, r, r, generator=g).tril(-1)
+    chi2 = 2 * torch._standard_gamma(((4.0 - torch.arange(r, dtype=torch.float32)) / 2).expand(layers, r).contiguous(), generator=g)
+    chol = lower + torch.diag_embed(chi2.sqrt())
+    assert torch.allclose(draw.noise, chol @ z, atol=1e-6)
+    assert torch.allclose(draw.row_sq, chol.square().sum(-1))
+    assert torch.allclose(draw.log_det, torch.linalg.slogdet(chol @ chol.transpose(1, 2)).logabsdet, atol=1e-4)
 
 
 def test_bartlett_factor_gives_wishart_moments():
     """E[L_B L_B^T] = nu I: row_sq (the diagonal of Sigma/v) averages nu, each ~ chi2(nu)."""
     r, nu, n = 4, 6.0, 4000
-    g = seeded_generator(CPU, 3)
-    row_sq = torch.stack([draw_bartlett(r, 2, nu, g, CPU).row_sq for _ in range(n)])
+    row_sq = draw_bartlett(n, r, 2, nu, seeded_generator(CPU, 3), CPU).row_sq
     se = math.sqrt(2 * nu / n)  # chi2(nu) has variance 2 nu
     assert torch.all((row_sq.mean(0) - nu).abs() < 5 * se)
 
 
 def test_dirichlet_rsample_equals_torch_rsample_with_the_same_stream():
-    alpha = torch.tensor([0.4, 1.5, 3.0, 0.9], requires_grad=True)
+    """A batch of rows (one per layer) gives torch's own rsample and implicit gradients."""
+    alpha = torch.tensor([[0.4, 1.5, 3.0, 0.9], [2.0, 0.3, 1.0, 5.0]], requires_grad=True)
     torch.manual_seed(11)
     reference = Dirichlet(alpha).rsample()
-    (reference * torch.arange(4.0)).sum().backward()
+    (reference * torch.arange(8.0).view(2, 4)).sum().backward()
     reference_grad = alpha.grad.clone()
     alpha.grad = None
     ours = dirichlet_rsample(alpha, seeded_generator(CPU, 11))
-    (ours * torch.arange(4.0)).sum().backward()
+    (ours * torch.arange(8.0).view(2, 4)).sum().backward()
     assert torch.equal(ours, reference)
     assert torch.allclose(alpha.grad, reference_grad)
+
+
+def test_batched_kl_terms_equal_the_per_row_terms():
+    alpha = torch.tensor([[0.4, 1.5, 3.0], [2.0, 0.3, 50.0]])
+    log_v = torch.tensor([[0.1, -0.5], [2.0, 0.0]])
+    for row in range(2):
+        assert torch.allclose(kl_dirichlet(alpha, 1.3)[row], kl_dirichlet(alpha[row], 1.3))
+        assert torch.allclose(kl_wishart(log_v, torch.tensor([2.0, 5.0]))[row], kl_wishart(log_v[row], [2.0, 5.0][row]))
 
 
 def test_stream_seed_separates_every_key():

@@ -1,4 +1,4 @@
-"""The asynchronous noise source: same draws as the synchronous one, bounded memory, state."""
+"""The noise sampler: one batched draw per shape group, the same draws in every mode, state."""
 
 from __future__ import annotations
 
@@ -11,63 +11,85 @@ import torch
 
 from monte_ds import MonteCLoRAConfig, get_monteclora_model, load_sampler_state, monteclora_layers, sampler_state
 from monte_ds.monteclora.math import STREAM_TRAIN
+from monte_ds.monteclora.sampler import resolve_mode
+
+CPU = torch.device("cpu")
 
 
 def build(load_base, **overrides):
     return get_monteclora_model(load_base(), MonteCLoRAConfig(r=4, sample_scaler=0.5, **overrides))
 
 
-def record_pending(model) -> list[int]:
-    """Number of prefetched draws alive each time a layer runs."""
-    seen: list[int] = []
-    for layer in monteclora_layers(model):
-        layer.register_forward_hook(lambda module, args, out: seen.append(len(module.source._pending)))
-    return seen
+def engine_of(model):
+    return next(iter(monteclora_layers(model))).engine
 
 
-@pytest.mark.parametrize("prefetch", [1, 3])
-def test_prefetched_draws_are_bounded_by_prefetch_layers(load_base, input_ids, prefetch):
-    model = build(load_base, prefetch_layers=prefetch)
-    seen = record_pending(model)
-    model.train()
-    with torch.no_grad():
-        for _ in range(3):
-            model(input_ids=input_ids)
-    assert len(seen) == 3 * 14
-    assert max(seen) <= prefetch
-    assert max(seen[14:]) == prefetch  # in steady state it does prefetch that far ahead
+def record_draws(sampler) -> dict[tuple[int, int], str]:
+    """The thread that computed each (stream, forward index)'s draws."""
+    threads: dict[tuple[int, int], str] = {}
+    compute = sampler._compute
 
-
-def test_async_draws_are_computed_off_the_main_thread(load_base, input_ids):
-    model = build(load_base)
-    source = next(iter(monteclora_layers(model))).source
-    threads: dict[tuple[int, int, int], str] = {}
-    compute = source._compute
-
-    def recording(key, device):
+    def recording(key):
         threads[key] = threading.current_thread().name
-        return compute(key, device)
+        return compute(key)
 
-    source._compute = recording
-    model.train()
-    with torch.no_grad():
-        model(input_ids=input_ids)  # first forward (index 0): layer devices are learnt as it goes
-        model(input_ids=input_ids)  # second forward (index 1): every draw was prefetched
-    second = {key: name for key, name in threads.items() if key[1] == 1}
-    assert len(second) == 14
-    assert all(name.startswith("monteclora-noise") for name in second.values())
+    sampler._compute = recording
+    return threads
 
 
-def test_stale_draws_of_older_forwards_are_dropped(load_base, input_ids):
-    model = build(load_base, prefetch_layers=2)
-    source = next(iter(monteclora_layers(model))).source
+def test_one_batched_draw_per_shape_group(load_base, input_ids):
+    """The tiny LLaMA has two noise shapes (n_in = hidden for six projections, = intermediate for
+    down_proj): a forward draws two batches, whatever the number of layers."""
+    model = build(load_base, sampler="sync")
+    engine = engine_of(model)
     model.train()
     with torch.no_grad():
         model(input_ids=input_ids)
-    # a recomputation-like out-of-order access leaves predictions for this forward behind
-    source.take((STREAM_TRAIN, source.current_index, 3), torch.device("cpu"))
-    source.begin_training_forward()
-    assert all(key[1] >= source.current_index for key in source._pending)
+    groups = engine.sampler._groups
+    assert [(g.rank, g.n_in, g.count) for g in groups] == [(4, 64, 12), (4, 128, 2)]
+    assert sum(g.count for g in groups) == len(engine.layers) == 14
+
+
+@pytest.mark.parametrize("device_type, expected", [("cpu", "sync"), ("cuda", "async")])
+def test_auto_mode_is_the_faster_mode_of_each_device(device_type, expected):
+    assert resolve_mode("auto", torch.device(device_type)) == expected
+    assert resolve_mode("sync", torch.device(device_type)) == "sync"
+
+
+def test_async_draws_the_next_forward_off_the_main_thread(load_base, input_ids):
+    model = build(load_base, sampler="async")
+    sampler = engine_of(model).sampler
+    threads = record_draws(sampler)
+    model.train()
+    with torch.no_grad():
+        model(input_ids=input_ids)  # forward 0: drawn in-step, forward 1 prefetched
+        model(input_ids=input_ids)  # forward 1: taken from the prefetch, forward 2 prefetched
+    assert threads[(STREAM_TRAIN, 0)] == threading.current_thread().name
+    assert threads[(STREAM_TRAIN, 1)].startswith("monteclora-noise")
+    assert set(sampler._pending) == {(STREAM_TRAIN, 2)}  # at most the next forward is pending
+
+
+def test_sync_mode_draws_in_step_and_keeps_nothing_pending(load_base, input_ids):
+    model = build(load_base, sampler="sync")
+    sampler = engine_of(model).sampler
+    threads = record_draws(sampler)
+    model.train()
+    with torch.no_grad():
+        for _ in range(2):
+            model(input_ids=input_ids)
+    assert set(threads.values()) == {threading.current_thread().name}
+    assert not sampler._pending and sampler._executor is None
+
+
+def test_stale_prefetches_are_dropped_on_resume(load_base, input_ids):
+    model = build(load_base, sampler="async")
+    engine = engine_of(model)
+    model.train()
+    with torch.no_grad():
+        model(input_ids=input_ids)
+    assert engine.sampler._pending
+    engine.load_state_dict({"seed": 0, "forward_index": 7})
+    assert not engine.sampler._pending
 
 
 def test_sampler_state_round_trip_and_seed_check(load_base, input_ids):
@@ -86,17 +108,16 @@ def test_sampler_state_round_trip_and_seed_check(load_base, input_ids):
         load_sampler_state(build(load_base, seed=6), state)
 
 
-def test_source_pickles_without_its_thread(load_base, input_ids):
-    model = build(load_base)
+def test_engine_pickles_without_its_thread_or_graph(load_base, input_ids):
+    model = build(load_base, sampler="async")
     model.train()
-    with torch.no_grad():
-        model(input_ids=input_ids)
-    source = next(iter(monteclora_layers(model))).source
-    assert source._executor is not None and source._pending
-    restored = pickle.loads(pickle.dumps(source))
-    assert restored._executor is None and not restored._pending
-    assert restored.state_dict() == source.state_dict()
-    assert copy.deepcopy(source).forward_index == source.forward_index
+    model(input_ids=input_ids)  # a forward with autograd: the engine holds its graph
+    engine = engine_of(model)
+    assert engine.sampler._executor is not None and engine.sampler._pending
+    restored = pickle.loads(pickle.dumps(engine))
+    assert restored.sampler._executor is None and not restored.sampler._pending
+    assert restored.state_dict() == engine.state_dict()
+    assert copy.deepcopy(engine).forward_index == engine.forward_index
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the side-stream path)")

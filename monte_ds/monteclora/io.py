@@ -19,7 +19,7 @@ from monte_ds.atomic import atomic_directory
 from monte_ds.config import MonteCLoRAConfig
 from monte_ds.errors import UserError
 from monte_ds.monteclora.layer import EXTRA_PARAMS
-from monte_ds.monteclora.model import get_monteclora_model, load_sampler_state, noise_source, sampler_state
+from monte_ds.monteclora.model import get_monteclora_model, load_sampler_state, monteclora_engine, sampler_state
 from monte_ds.monteclora.sampler import data_parallel_rank
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -69,7 +69,7 @@ def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "d
     state = _full_cpu_state(peft_model, adapter_name)
     if data_parallel_rank() != 0:
         return
-    config = noise_source(peft_model).config
+    config = monteclora_engine(peft_model, adapter_name).config
     with atomic_directory(directory) as tmp:
         save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2) + "\n")

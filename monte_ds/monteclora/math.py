@@ -1,4 +1,4 @@
-"""The MonteCLoRA math (DESIGN.md): seeded streams, Bartlett draws, Dirichlet rsample, KL terms.
+"""The MonteCLoRA math (docs/math.md): seeded streams, batched Bartlett and Dirichlet draws, KL terms.
 
 Everything here is pure: tensors in, tensors out. Randomness comes only from explicit
 generators seeded by `stream_seed(...)`, never from the global torch RNG.
@@ -6,6 +6,7 @@ generators seeded by `stream_seed(...)`, never from the global torch RNG.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -46,38 +47,45 @@ def seeded_generator(device: torch.device, seed: int) -> torch.Generator:
 
 @dataclass
 class BartlettDraw:
-    """The parameter-free part of one layer's noise for one forward.
+    """The parameter-free part of the noise of `count` equally shaped layers for one forward.
 
-    `noise = L_B @ Z` (r x n_in) with L_B the Bartlett factor of a W_r(I, nu) draw and Z
-    standard normal; `row_sq[i] = sum_j L_B[i, j]^2` and `log_det = ln det(L_B L_B^T)` are
-    what the Gaussian KL needs. With V = diag(v): chol(Sigma) = diag(sqrt(v)) L_B exactly.
+    `noise[l] = L_B[l] @ Z[l]` (r x n_in) with L_B[l] the Bartlett factor of a W_r(I, nu) draw
+    and Z[l] standard normal; `row_sq[l, i] = sum_j L_B[l, i, j]^2` and
+    `log_det[l] = ln det(L_B[l] L_B[l]^T)` are what the Gaussian KL needs. With V = diag(v):
+    chol(Sigma) = diag(sqrt v) L_B exactly.
     """
 
-    noise: torch.Tensor
-    row_sq: torch.Tensor
-    log_det: torch.Tensor
+    noise: torch.Tensor  # (count, r, n_in)
+    row_sq: torch.Tensor  # (count, r)
+    log_det: torch.Tensor  # (count,)
 
 
-def draw_bartlett(rank: int, n_in: int, dof: float, generator: torch.Generator, device: torch.device) -> BartlettDraw:
-    """Draw Z, the Bartlett normals and the chi-square diagonal, in that fixed order, in fp32."""
-    z = torch.randn(rank, n_in, generator=generator, device=device, dtype=torch.float32)
-    lower = torch.randn(rank, rank, generator=generator, device=device, dtype=torch.float32).tril_(-1)
+def draw_bartlett(count: int, rank: int, n_in: int, dof: float, generator: torch.Generator, device: torch.device) -> BartlettDraw:
+    """Draw Z, the Bartlett normals and the chi-square diagonals of `count` layers, in that
+    fixed order, in fp32, as a handful of batched ops."""
+    z = torch.randn(count, rank, n_in, generator=generator, device=device, dtype=torch.float32)
+    lower = torch.randn(count, rank, rank, generator=generator, device=device, dtype=torch.float32).tril_(-1)
     # c_i ~ chi2(nu - i) = 2 * Gamma((nu - i) / 2)
     half_dof = (dof - torch.arange(rank, device=device, dtype=torch.float32)) / 2
-    chi2 = 2 * torch._standard_gamma(half_dof, generator=generator)
-    chol = lower + torch.diag(chi2.sqrt())
-    return BartlettDraw(noise=chol @ z, row_sq=chol.square().sum(1), log_det=chi2.log().sum())
+    chi2 = 2 * torch._standard_gamma(half_dof.expand(count, rank).contiguous(), generator=generator)
+    chol = lower + torch.diag_embed(chi2.sqrt())
+    return BartlettDraw(noise=torch.bmm(chol, z), row_sq=chol.square().sum(-1), log_det=chi2.log().sum(-1))
 
 
-class _DirichletRSample(torch.autograd.Function):
-    """Dirichlet sample with implicit reparameterisation gradients (as torch.distributions'
-    rsample) but drawn from an explicit generator."""
+def dirichlet_sample(concentration: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Dirichlet draws, one per row of `concentration`, from an explicit generator (no gradient:
+    attach one with `dirichlet_attach`)."""
+    return torch._sample_dirichlet(concentration.detach(), generator=generator)
+
+
+class _DirichletAttach(torch.autograd.Function):
+    """The value of a Dirichlet sample drawn from `concentration`, with the implicit
+    reparameterisation gradient of torch.distributions' rsample (batched over rows)."""
 
     @staticmethod
-    def forward(ctx, concentration: torch.Tensor, generator: torch.Generator) -> torch.Tensor:  # type: ignore[override]
-        sample = torch._sample_dirichlet(concentration, generator=generator)
+    def forward(ctx, concentration: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         ctx.save_for_backward(sample, concentration)
-        return sample
+        return sample.view_as(sample)
 
     @staticmethod
     @once_differentiable
@@ -86,36 +94,44 @@ class _DirichletRSample(torch.autograd.Function):
         return _Dirichlet_backward(sample, concentration, grad_output), None
 
 
+def dirichlet_attach(concentration: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+    return _DirichletAttach.apply(concentration, sample)
+
+
 def dirichlet_rsample(concentration: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    return _DirichletRSample.apply(concentration, generator)
+    """pi ~ Dir(concentration), reparameterised, one draw per row."""
+    return dirichlet_attach(concentration, dirichlet_sample(concentration, generator))
 
 
 def kl_gaussian(log_v: torch.Tensor, row_sq: torch.Tensor, log_det_bartlett: torch.Tensor) -> torch.Tensor:
-    """KL(N(mu, Sigma) || N(mu, I)) = 1/2 (tr Sigma - ln det Sigma - r), Sigma = diag(sqrt v) L_B L_B^T diag(sqrt v)."""
-    trace = (log_v.exp() * row_sq).sum()
-    log_det = log_v.sum() + log_det_bartlett
-    return 0.5 * (trace - log_det - log_v.numel())
+    """KL(N(mu, Sigma) || N(mu, I)) = 1/2 (tr Sigma - ln det Sigma - r), Sigma = diag(sqrt v) L_B L_B^T diag(sqrt v).
+
+    Batched over leading dimensions: `log_v` and `row_sq` are (..., r), `log_det_bartlett` is (...).
+    """
+    trace = (log_v.exp() * row_sq).sum(-1)
+    log_det = log_v.sum(-1) + log_det_bartlett
+    return 0.5 * (trace - log_det - log_v.shape[-1])
 
 
-def kl_wishart(log_v: torch.Tensor, dof: float) -> torch.Tensor:
-    """KL(W_r(V, nu) || W_r(I, nu)) = nu/2 (tr V - ln det V - r), V = diag(v)."""
-    return 0.5 * dof * (log_v.exp().sum() - log_v.sum() - log_v.numel())
+def kl_wishart(log_v: torch.Tensor, dof: float | torch.Tensor) -> torch.Tensor:
+    """KL(W_r(V, nu) || W_r(I, nu)) = nu/2 (tr V - ln det V - r), V = diag(v); batched over rows of (..., r)."""
+    return 0.5 * dof * (log_v.exp().sum(-1) - log_v.sum(-1) - log_v.shape[-1])
 
 
 def kl_dirichlet(concentration: torch.Tensor, prior: float) -> torch.Tensor:
-    """KL(Dir(alpha) || Dir(alpha0 * 1)), with lgamma used directly (no exp/log round trip)."""
-    n = concentration.numel()
-    total = concentration.sum()
-    prior_t = concentration.new_tensor(prior)
+    """KL(Dir(alpha) || Dir(alpha0 * 1)) per row of (..., N), with lgamma used directly (no
+    exp/log round trip, which overflows in fp32 once sum(alpha) exceeds about 35)."""
+    n = concentration.shape[-1]
+    total = concentration.sum(-1)
+    prior_terms = n * math.lgamma(prior) - math.lgamma(prior * n)
     return (
         torch.lgamma(total)
-        - torch.lgamma(prior_t * n)
-        - torch.lgamma(concentration).sum()
-        + n * torch.lgamma(prior_t)
-        + ((concentration - prior) * (torch.digamma(concentration) - torch.digamma(total))).sum()
+        - torch.lgamma(concentration).sum(-1)
+        + prior_terms
+        + ((concentration - prior) * (torch.digamma(concentration) - torch.digamma(total).unsqueeze(-1))).sum(-1)
     )
 
 
 def cooperative_loss(mixture_weights: torch.Tensor) -> torch.Tensor:
-    """Eq. 13: sum_k pi_k^2, minimised when all components share the weight."""
-    return mixture_weights.square().sum()
+    """Eq. 13: sum_k pi_k^2 per row, minimised when all components share the weight."""
+    return mixture_weights.square().sum(-1)

@@ -12,8 +12,8 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from monte_ds.config import MonteCLoRAConfig
+from monte_ds.monteclora.engine import MonteCLoRAEngine
 from monte_ds.monteclora.layer import MonteCLoRALinearA
-from monte_ds.monteclora.sampler import NoiseSource
 
 
 def _supported_lora_layer_types() -> tuple[type, ...]:
@@ -53,7 +53,7 @@ def get_monteclora_model(
     convolution, ...): nothing falls back to plain LoRA silently.
     """
     peft_model = get_peft_model(model, lora_config(config), adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
-    source = NoiseSource(config)
+    engine = MonteCLoRAEngine(config, adapter_name)
     supported = _supported_lora_layer_types()
     for name, module in peft_model.named_modules():
         if not isinstance(module, LoraLayer) or adapter_name not in module.lora_A:
@@ -65,30 +65,34 @@ def get_monteclora_model(
                 f"MonteCLoRA supports linear layers only (nn.Linear, bitsandbytes Linear4bit/Linear8bitLt); "
                 f"{name} is {type(module.get_base_layer()).__name__}"
             )
-        module.lora_A[adapter_name] = MonteCLoRALinearA(module.lora_A[adapter_name], config, source)
+        module.lora_A[adapter_name] = MonteCLoRALinearA(module.lora_A[adapter_name], config, engine)
         if config.posthoc:
             module.lora_A[adapter_name].weight.requires_grad_(False)
             module.lora_B[adapter_name].weight.requires_grad_(False)
-    if not source.layer_count:
+    if not engine.layers:
         raise ValueError(f"target_modules {config.resolved_target_modules!r} matched no linear layer")
     root = peft_model.get_base_model()
-    root.register_forward_pre_hook(TrainingForwardCounter(source))
+    root.register_forward_pre_hook(ForwardStart(engine))
     return peft_model
 
 
-class TrainingForwardCounter:
-    """Root-module pre-hook advancing the noise counter once per training forward.
+class ForwardStart:
+    """Root-module pre-hook: each training forward of the whole model draws the step's noise and
+    computes its row scales and regulariser for all layers at once (never during checkpoint
+    recomputation, which re-runs layers only); eval forwards prepare posterior-predictive draws.
 
     An object rather than a closure so that `copy.deepcopy(model)` gives the copy a hook bound
-    to the copy's own noise source (functions are not copied by deepcopy).
+    to the copy's own engine (functions are not copied by deepcopy).
     """
 
-    def __init__(self, source: NoiseSource) -> None:
-        self.source = source
+    def __init__(self, engine: MonteCLoRAEngine) -> None:
+        self.engine = engine
 
     def __call__(self, module: nn.Module, args) -> None:
         if module.training:
-            self.source.begin_training_forward()
+            self.engine.begin_training_forward()
+        else:
+            self.engine.begin_eval_forward()
 
 
 def monteclora_layers(model: nn.Module) -> Iterator[MonteCLoRALinearA]:
@@ -98,11 +102,24 @@ def monteclora_layers(model: nn.Module) -> Iterator[MonteCLoRALinearA]:
             yield module
 
 
-def noise_source(model: nn.Module) -> NoiseSource:
-    """The noise source (and so the config) shared by the model's MonteCLoRA layers."""
+def monteclora_engines(model: nn.Module) -> dict[str, MonteCLoRAEngine]:
+    """The model's MonteCLoRA adapters by name: each one's config, layers, sampler and counter."""
+    engines: dict[str, MonteCLoRAEngine] = {}
     for layer in monteclora_layers(model):
-        return layer.source
-    raise ValueError("model has no MonteCLoRA layers (build it with monte_ds.get_monteclora_model)")
+        engines.setdefault(layer.adapter_name, layer.engine)
+    return engines
+
+
+def monteclora_engine(model: nn.Module, adapter_name: str | None = None) -> MonteCLoRAEngine:
+    """The engine of `adapter_name` (default: the model's only, or first, MonteCLoRA adapter)."""
+    engines = monteclora_engines(model)
+    if not engines:
+        raise ValueError("model has no MonteCLoRA layers (build it with monte_ds.get_monteclora_model)")
+    if adapter_name is None:
+        return next(iter(engines.values()))
+    if adapter_name not in engines:
+        raise ValueError(f"no MonteCLoRA adapter named {adapter_name!r}; the model has {', '.join(engines)}")
+    return engines[adapter_name]
 
 
 def monteclora_losses(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -110,36 +127,25 @@ def monteclora_losses(model: nn.Module) -> dict[str, torch.Tensor]:
 
     total = kl_weight * mean(KL_N + KL_W + KL_D) + mean(cooperative)
     """
-    layers = list(monteclora_layers(model))
-    if not layers:
-        raise ValueError("model has no MonteCLoRA layers (build it with monte_ds.get_monteclora_model)")
-    per_layer = [layer.regularizers() for layer in layers]
-    device = per_layer[0]["kl_wishart"].device
-    losses = {
-        name: torch.stack([terms[name].to(device) for terms in per_layer]).mean()
-        for name in ("kl_gaussian", "kl_wishart", "kl_dirichlet", "cooperative")
-    }
-    kl = losses["kl_gaussian"] + losses["kl_wishart"] + losses["kl_dirichlet"]
-    losses["total"] = layers[0].source.config.kl_weight * kl + losses["cooperative"]
-    return losses
+    return monteclora_engine(model).regulariser()
 
 
 def sampler_state(model: nn.Module) -> dict[str, int]:
     """What a checkpoint must hold for the noise of a resumed run to continue exactly."""
-    return noise_source(model).state_dict()
+    return monteclora_engine(model).state_dict()
 
 
 def load_sampler_state(model: nn.Module, state: dict[str, int]) -> None:
-    noise_source(model).load_state_dict(state)
+    monteclora_engine(model).load_state_dict(state)
 
 
 @contextmanager
 def predictive_sampling(model: nn.Module, draw: int) -> Iterator[None]:
     """Eval-mode forwards inside use sampled weights (posterior-predictive draw `draw`,
     deterministic in (seed, rank, draw)) instead of the mean."""
-    source = noise_source(model)
-    previous, source.predictive_draw = source.predictive_draw, int(draw)
+    engine = monteclora_engine(model)
+    previous, engine.predictive_draw = engine.predictive_draw, int(draw)
     try:
         yield
     finally:
-        source.predictive_draw = previous
+        engine.predictive_draw = previous

@@ -1,19 +1,22 @@
-"""Per-rank noise source: draws the parameter-free part of MonteCLoRA's noise ahead of time.
+"""Per-rank noise sampler: the parameter-free part of one forward's noise, for all layers at once.
 
-Every draw is a pure function of (seed, rank, stream, forward index, layer index), so the
-synchronous and asynchronous modes, gradient-checkpoint recomputation and a resumed run all
-see identical noise. The asynchronous mode only changes *when* a draw is computed:
+Layers with the same noise shape form a `NoiseGroup`; each group's noise for one forward is one
+batched Bartlett draw (`math.draw_bartlett`), from a generator seeded by (seed, rank, stream,
+forward index, group). So the synchronous and asynchronous modes, checkpoint recomputation and
+a resumed run all see identical noise, and a step costs a handful of ops whatever the number of
+layers. The asynchronous mode only changes *when* the next training forward's draws are computed:
 
-- CPU: one background thread computes the next `prefetch_layers` draws while the current
-  layer runs (torch ops release the GIL).
-- CUDA: draws are enqueued on a side stream; the compute stream waits on an event before it
-  reads a draw, and `record_stream` keeps the allocator from reusing it too early.
+- CUDA: enqueued on a side stream right after the current forward's draws are taken; the
+  compute stream waits on an event before it reads them, and `record_stream` keeps the
+  allocator from reusing them too early.
+- CPU: on one background thread (torch ops release the GIL).
 
-Memory bound: at most `prefetch_layers` pending draws (each `r x n_in` fp32 plus O(r)) exist
-ahead of the layer being computed, whatever the number of layers: prefetching follows the
-forward order, layer l+1 (then the next forward's layer 0) while layer l computes. A
-prediction that misses (recomputation in backward runs in reverse) is drawn synchronously,
-and stale draws of older forwards are dropped.
+`"auto"` (the default) picks per device what measures faster (docs/performance.md): the side
+stream on CUDA; on CPU the in-step draw, because a background thread's OpenMP team competes with
+the compute threads for the same cores.
+
+Memory: the current forward's noise (one `r x n_in` fp32 matrix per layer, which autograd keeps
+until the backward, as LoRA keeps its activations) plus, in asynchronous mode, the next one's.
 """
 
 from __future__ import annotations
@@ -27,17 +30,20 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from monte_ds.config import MonteCLoRAConfig
 from monte_ds.monteclora.math import STREAM_TRAIN, BartlettDraw, draw_bartlett, seeded_generator, stream_seed
 
-DrawKey = tuple[int, int, int]  # (stream, forward index, layer index)
+DrawKey = tuple[int, int]  # (stream, forward index)
 
 
 @dataclass(frozen=True)
-class LayerShape:
+class NoiseGroup:
+    """`count` layers whose noise is `rank x n_in` with Wishart dof `dof`, on `device`."""
+
     rank: int
     n_in: int
     dof: float
+    device: torch.device
+    count: int
 
 
 def data_parallel_rank() -> int:
@@ -47,114 +53,97 @@ def data_parallel_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-class NoiseSource:
-    """Shared by all MonteCLoRA layers of one model; holds the training-forward counter."""
+def resolve_mode(mode: str, device: torch.device) -> str:
+    """`auto` is async (side stream) on CUDA and sync on CPU: what measures faster on each."""
+    if mode != "auto":
+        return mode
+    return "async" if device.type == "cuda" else "sync"
 
-    def __init__(self, config: MonteCLoRAConfig) -> None:
-        self.config = config
-        self.seed = config.seed
-        self.mode = config.sampler
-        self.prefetch_layers = config.prefetch_layers
-        self.forward_index = 0  # index of the next training forward
-        self.current_index = 0  # index of the training forward in progress (or the last one)
+
+class NoiseSampler:
+    """Draws the noise of every group for a (stream, forward index); prefetches the next
+    training forward's draws in asynchronous mode."""
+
+    def __init__(self, seed: int, mode: str) -> None:
+        self.seed = seed
+        self.mode = mode
         self.rank = data_parallel_rank()
-        self.predictive_draw: int | None = None
-        self._shapes: list[LayerShape] = []
-        self._devices: dict[int, torch.device] = {}
+        self._groups: tuple[NoiseGroup, ...] = ()
         self._pending: dict[DrawKey, Any] = {}
         self._lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
         self._side_streams: dict[torch.device, Any] = {}
 
-    # -- registration and the counter ------------------------------------------------------
-    @property
-    def layer_count(self) -> int:
-        return len(self._shapes)
+    def set_groups(self, groups: tuple[NoiseGroup, ...]) -> None:
+        if groups != self._groups:
+            self._groups = groups
+            self.drop_pending()
 
-    def register(self, shape: LayerShape) -> int:
-        self._shapes.append(shape)
-        return len(self._shapes) - 1
-
-    def begin_training_forward(self) -> None:
-        """Called once per training forward of the whole model (a pre-hook on the root module),
-        never during checkpoint recomputation, which re-runs layers only."""
-        self.rank = data_parallel_rank()
-        self.current_index = self.forward_index
-        self.forward_index += 1
-        with self._lock:
-            stale = [k for k in self._pending if k[0] == STREAM_TRAIN and k[1] < self.current_index]
-            for key in stale:
-                self._pending.pop(key)
-
-    def state_dict(self) -> dict[str, int]:
-        return {"seed": self.seed, "forward_index": self.forward_index}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        if int(state["seed"]) != self.seed:
-            raise ValueError(f"sampler state has seed {state['seed']}, this model was built with seed {self.seed}")
-        self.forward_index = int(state["forward_index"])
-        self.current_index = max(self.forward_index - 1, 0)
+    def drop_pending(self) -> None:
         with self._lock:
             self._pending.clear()
 
-    # -- drawing -----------------------------------------------------------------------------
-    def key_seed(self, stream: int, index: int, layer: int) -> int:
-        return stream_seed(self.seed, self.rank, stream, index, layer)
-
-    def _compute(self, key: DrawKey, device: torch.device) -> BartlettDraw:
-        stream, index, layer = key
-        shape = self._shapes[layer]
-        generator = seeded_generator(device, self.key_seed(stream, index, layer))
-        return draw_bartlett(shape.rank, shape.n_in, shape.dof, generator, device)
-
-    def take(self, key: DrawKey, device: torch.device) -> BartlettDraw:
-        """The draw for `key`, prefetched if it was predicted, else computed now."""
-        self._devices[key[2]] = device
+    def draw(self, key: DrawKey) -> list[BartlettDraw]:
+        """One batched draw per group for `key`: prefetched if it was predicted, else computed now."""
         with self._lock:
             pending = self._pending.pop(key, None)
+            stale = [k for k in self._pending if k[0] == key[0] and k[1] < key[1]]
+            for old in stale:
+                self._pending.pop(old)
         if pending is None:
-            draw = self._compute(key, device)
-        elif device.type == "cuda":
-            draw, event = pending
-            current = torch.cuda.current_stream(device)
-            current.wait_event(event)
-            for tensor in (draw.noise, draw.row_sq, draw.log_det):
-                tensor.record_stream(current)
+            draws = self._compute(key)
+        elif isinstance(pending, Future):
+            draws = pending.result()
         else:
-            draw = pending.result()
-        if self.mode == "async" and key[0] == STREAM_TRAIN:
-            self._prefetch_after(key)
-        return draw
+            draws = self._wait_for_side_stream(*pending)
+        if key[0] == STREAM_TRAIN and self.prefetches:
+            self._prefetch((key[0], key[1] + 1))
+        return draws
 
-    def _prefetch_after(self, key: DrawKey) -> None:
-        stream, index, layer = key
-        for _ in range(self.prefetch_layers):
-            layer += 1
-            if layer == len(self._shapes):
-                index, layer = index + 1, 0
-            device = self._devices.get(layer)
-            if device is None:
-                return  # not seen yet: its device is unknown until its first forward
-            nxt = (stream, index, layer)
-            with self._lock:
-                if nxt in self._pending or len(self._pending) >= self.prefetch_layers:
-                    continue
-                self._pending[nxt] = self._launch(nxt, device)
+    @property
+    def prefetches(self) -> bool:
+        """Asynchronous mode, on one device (a model split over devices draws in-step)."""
+        devices = {group.device for group in self._groups}
+        return len(devices) == 1 and resolve_mode(self.mode, next(iter(devices))) == "async"
 
-    def _launch(self, key: DrawKey, device: torch.device) -> Any:
+    def _compute(self, key: DrawKey) -> list[BartlettDraw]:
+        stream, index = key
+        draws = []
+        with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
+            for number, group in enumerate(self._groups):
+                generator = seeded_generator(group.device, stream_seed(self.seed, self.rank, stream, index, number))
+                draws.append(draw_bartlett(group.count, group.rank, group.n_in, group.dof, generator, group.device))
+        return draws
+
+    def _prefetch(self, key: DrawKey) -> None:
+        with self._lock:
+            if key in self._pending:
+                return
+        device = self._groups[0].device
         if device.type == "cuda":
             side = self._side_streams.get(device)
             if side is None:
                 side = self._side_streams[device] = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side):
-                draw = self._compute(key, device)
+                draws = self._compute(key)
                 event = torch.cuda.Event()
                 event.record(side)
-            return draw, event
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="monteclora-noise")
-        future: Future = self._executor.submit(self._compute, key, device)
-        return future
+            pending: Any = (draws, event)
+        else:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="monteclora-noise")
+            pending = self._executor.submit(self._compute, key)
+        with self._lock:
+            self._pending[key] = pending
+
+    def _wait_for_side_stream(self, draws: list[BartlettDraw], event: Any) -> list[BartlettDraw]:
+        current = torch.cuda.current_stream(self._groups[0].device)
+        current.wait_event(event)
+        for draw in draws:
+            for tensor in (draw.noise, draw.row_sq, draw.log_det):
+                tensor.record_stream(current)
+        return draws
 
     # -- copying: threads, streams and pending draws are not copied ----------------------------
     def __getstate__(self) -> dict[str, Any]:

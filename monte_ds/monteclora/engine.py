@@ -1,0 +1,345 @@
+"""The batched MonteCLoRA step: everything a forward needs that does not depend on activations,
+for all layers of one adapter at once.
+
+On a GPU the cost of MonteCLoRA is the number of ops (each a kernel launch with host-side
+dispatch), not their arithmetic. So once per training forward, before the first layer runs, the
+engine draws the noise of every layer (one batched Bartlett draw per shape group), the mixture
+weights of every layer (one batched Dirichlet draw), the row scales eps * ||pi|| * sqrt(v) of
+every layer (one custom autograd node over the stacked v and alpha) and the whole regulariser
+(vectorised over layers). Each layer's forward is then `A + scale * noise` and its linear.
+
+The row-scale node keeps what its backward needs as plain attributes rather than saved tensors,
+and returns no gradient for layers that sent none: reentrant activation checkpointing replays a
+block's layers in their own backward passes, each of which reaches this node with the gradients
+of that block's layers only, so the node is traversed once per block and must stay valid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.autograd.function import once_differentiable
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.placement_types import Partial
+from torch.distributions.dirichlet import _Dirichlet_backward
+
+from monte_ds.config import MonteCLoRAConfig
+from monte_ds.monteclora.math import (
+    STREAM_DIRICHLET,
+    STREAM_PREDICTIVE,
+    STREAM_PREDICTIVE_DIRICHLET,
+    STREAM_TRAIN,
+    BartlettDraw,
+    cooperative_loss,
+    dirichlet_attach,
+    dirichlet_sample,
+    kl_dirichlet,
+    kl_gaussian,
+    kl_wishart,
+    seeded_generator,
+    stream_seed,
+)
+from monte_ds.monteclora.sampler import NoiseGroup, NoiseSampler, data_parallel_rank
+
+if TYPE_CHECKING:
+    from monte_ds.monteclora.layer import MonteCLoRALinearA
+
+REGULARISER_TERMS = ("kl_gaussian", "kl_wishart", "kl_dirichlet", "cooperative")
+# The mixture weights of a forward come from their own stream, paired with the noise stream.
+_MIXTURE_STREAM = {STREAM_TRAIN: STREAM_DIRICHLET, STREAM_PREDICTIVE: STREAM_PREDICTIVE_DIRICHLET}
+
+
+def full_fp32(param: torch.Tensor) -> torch.Tensor:
+    """The whole fp32 tensor of a parameter. FSDP2 keeps it sharded outside its block's forward:
+    a differentiable all-gather whose gradient is averaged over ranks, as FSDP does for the task
+    loss (each rank's regulariser differs, through its own noise). Plain tensors pass through."""
+    if isinstance(param, DTensor):
+        param = param.full_tensor(grad_placements=[Partial("avg")])
+    return param if param.dtype == torch.float32 else param.float()
+
+
+def _gather_zero3(params: Sequence[torch.Tensor]) -> None:
+    """Make ZeRO-3 partitioned v and alpha whole on this rank (collective: every rank runs the
+    same forwards). ZeRO-3 keeps parameters under its persistence threshold whole only once it
+    has traced a step; before that they are released after their module's forward."""
+    if not params or not hasattr(params[0], "ds_status"):
+        return
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    released = [p for p in params if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
+    if released:
+        released[0].all_gather(param_list=released)
+
+
+@dataclass
+class _Partition:
+    """The layers of one device, in stacked order (their noise groups one after the other)."""
+
+    layers: list[MonteCLoRALinearA]
+    groups: list[int]  # indices into the sampler's groups
+    ranks: list[int]
+    dof: torch.Tensor  # (L,)
+    pad_index: torch.Tensor | None  # rows of the padded (L * r_max) layout; None when all ranks are equal
+    r_max: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.r_max = max(self.ranks)
+
+    def stack_rows(self, tensors: Sequence[torch.Tensor], fill: float) -> torch.Tensor:
+        """(r_l, 1) or (r_l,) tensors, one per layer, as one (L, r_max) tensor padded with `fill`."""
+        flat = torch.cat(tensors).view(-1)
+        if self.pad_index is None:
+            return flat.view(len(self.ranks), self.r_max)
+        padded = flat.new_full((len(self.ranks) * self.r_max,), fill).index_copy(0, self.pad_index, flat)
+        return padded.view(len(self.ranks), self.r_max)
+
+    def split_rows(self, stacked: torch.Tensor) -> list[torch.Tensor]:
+        """(L, r_max, ...) back into one (r_l, ...) view per layer."""
+        rows = stacked.unbind(0)
+        if self.pad_index is None:
+            return list(rows)
+        return [row[:rank] for row, rank in zip(rows, self.ranks, strict=True)]
+
+
+@dataclass
+class _ScaleSpec:
+    """What the row-scale node needs besides the parameters (constant within one forward)."""
+
+    partition: _Partition
+    sample_scaler: float
+    sparse_mixture: bool
+    mixture_sample: torch.Tensor  # (L, N) Dirichlet draw, no gradient
+
+
+class _RowScales(torch.autograd.Function):
+    """Row scales eps * ||pi_l|| * sqrt(v_l) of every layer, pi_l the Dirichlet draw attached to
+    alpha_l with its implicit reparameterisation gradient. Inputs: the L log-v then the L
+    log-alpha parameters; outputs: one (r_l, 1) scale per layer."""
+
+    @staticmethod
+    def forward(ctx, spec: _ScaleSpec, *params: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        partition = spec.partition
+        count = len(partition.ranks)
+        sqrt_v = (0.5 * partition.stack_rows(params[:count], fill=0.0)).exp()
+        if spec.sparse_mixture:  # one-hot(argmax pi) has norm 1
+            norm = None
+            scale = spec.sample_scaler * sqrt_v
+        else:
+            norm = spec.mixture_sample.norm(dim=-1, keepdim=True)
+            scale = (spec.sample_scaler * norm) * sqrt_v
+            ctx.alpha = torch.cat(params[count:]).exp()
+        # Attributes, not save_for_backward: reentrant checkpointing traverses this node once per block.
+        ctx.spec, ctx.scale, ctx.norm = spec, scale, norm
+        ctx.set_materialize_grads(False)
+        return tuple(partition.split_rows(scale.unsqueeze(-1)))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        spec: _ScaleSpec = ctx.spec
+        partition = spec.partition
+        present = [grad is not None for grad in grads]
+        if not any(present):
+            return (None,) * (1 + 2 * len(grads))
+        zero = ctx.scale.new_zeros(partition.r_max, 1)
+        filled = [grad if grad is not None else zero[:rank] for grad, rank in zip(grads, partition.ranks, strict=True)]
+        weighted = partition.stack_rows(filled, fill=0.0) * ctx.scale  # d loss / d ln(scale), (L, r_max)
+        grad_log_v = partition.split_rows((0.5 * weighted).unsqueeze(-1))
+        grad_log_alpha: Sequence[torch.Tensor | None] = [None] * len(grads)
+        if ctx.norm is not None and ctx.needs_input_grad[1 + len(grads)]:
+            sample = spec.mixture_sample
+            grad_norm = weighted.sum(-1, keepdim=True) / ctx.norm
+            grad_sample = grad_norm * sample / ctx.norm  # d||x|| / dx = x / ||x||
+            grad_alpha = _Dirichlet_backward(sample, ctx.alpha, grad_sample) * ctx.alpha
+            grad_log_alpha = grad_alpha.unsqueeze(1).unbind(0)
+        return (
+            None,
+            *(g if keep else None for g, keep in zip(grad_log_v, present, strict=True)),
+            *(g if keep else None for g, keep in zip(grad_log_alpha, present, strict=True)),
+        )
+
+
+@dataclass
+class _ForwardState:
+    """One forward's per-layer scales and noise (indexed by layer), and its regulariser."""
+
+    key: tuple[int, int]
+    scales: list[torch.Tensor | None]
+    noise: list[torch.Tensor | None]
+    regulariser: dict[str, torch.Tensor] | None = None
+
+
+class MonteCLoRAEngine:
+    """One MonteCLoRA adapter: its config, its layers, its noise sampler and forward counter,
+    and the batched state of the current forward."""
+
+    def __init__(self, config: MonteCLoRAConfig, adapter_name: str = "default") -> None:
+        self.config = config
+        self.adapter_name = adapter_name
+        self.sampler = NoiseSampler(config.seed, config.sampler)
+        self.layers: list[MonteCLoRALinearA] = []
+        self.forward_index = 0  # index of the next training forward
+        self.predictive_draw: int | None = None
+        self._partitions: list[_Partition] | None = None
+        self._layout_device: torch.device | None = None
+        self._train: _ForwardState | None = None
+        self._predictive: _ForwardState | None = None
+
+    # -- layers --------------------------------------------------------------------------------
+    def register(self, layer: MonteCLoRALinearA) -> int:
+        self.layers.append(layer)
+        self._partitions = None
+        return len(self.layers) - 1
+
+    def _layout(self) -> list[_Partition]:
+        """Partitions by device and noise groups by shape; rebuilt when a layer was added or the
+        model moved to another device."""
+        first_device = self.layers[0].wishart_log_scale.device
+        if self._partitions is not None and self._layout_device == first_device:
+            return self._partitions
+        self._layout_device = first_device
+        by_shape: dict[tuple, list[MonteCLoRALinearA]] = {}
+        for layer in self.layers:
+            key = (layer.wishart_log_scale.device, layer.out_features, layer.in_features, layer.dof)
+            by_shape.setdefault(key, []).append(layer)
+        groups, partitions_by_device = [], {}
+        for number, ((device, rank, n_in, dof), members) in enumerate(by_shape.items()):
+            groups.append(NoiseGroup(rank, n_in, dof, device, len(members)))
+            layers, numbers = partitions_by_device.setdefault(device, ([], []))
+            layers.extend(members)
+            numbers.append(number)
+        self.sampler.set_groups(tuple(groups))
+        self._partitions = [self._partition(device, layers, numbers) for device, (layers, numbers) in partitions_by_device.items()]
+        return self._partitions
+
+    @staticmethod
+    def _partition(device: torch.device, layers: list[MonteCLoRALinearA], groups: list[int]) -> _Partition:
+        ranks = [layer.out_features for layer in layers]
+        r_max = max(ranks)
+        pad_index = None
+        if min(ranks) != r_max:
+            rows = [slot * r_max + i for slot, rank in enumerate(ranks) for i in range(rank)]
+            pad_index = torch.tensor(rows, device=device)
+        dof = torch.tensor([layer.dof for layer in layers], device=device, dtype=torch.float32)
+        return _Partition(layers, groups, ranks, dof, pad_index)
+
+    # -- forwards ------------------------------------------------------------------------------
+    @property
+    def current_index(self) -> int:
+        """Index of the training forward in progress (or the last one)."""
+        return max(self.forward_index - 1, 0)
+
+    def begin_training_forward(self) -> None:
+        """Called once per training forward of the whole model (a pre-hook on the root module),
+        never during checkpoint recomputation, which re-runs layers only."""
+        self.sampler.rank = data_parallel_rank()
+        index = self.forward_index
+        self.forward_index += 1
+        self._train = None  # the previous forward's graph is the caller's, not ours
+        self._train = self._build((STREAM_TRAIN, index), with_regulariser=True)
+
+    def begin_eval_forward(self) -> None:
+        """Eval forwards use the mean, or a posterior-predictive draw inside `predictive_sampling`."""
+        if self.predictive_draw is None:
+            return
+        key = (STREAM_PREDICTIVE, self.predictive_draw)
+        if self._predictive is None or self._predictive.key != key:
+            self.sampler.rank = data_parallel_rank()
+            self._predictive = self._build(key, with_regulariser=False)
+
+    def weight_noise(self, layer: MonteCLoRALinearA) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(row scale, noise) of `layer` in the current forward, or None where the mean is used."""
+        if layer.training:
+            if self._train is None:  # a layer run outside a model forward: start a forward now
+                with torch.enable_grad():
+                    self.begin_training_forward()
+            state = self._train
+        elif self.predictive_draw is not None:
+            self.begin_eval_forward()
+            state = self._predictive
+        else:
+            return None
+        return state.scales[layer.layer_index], state.noise[layer.layer_index]
+
+    def _build(self, key: tuple[int, int], with_regulariser: bool) -> _ForwardState:
+        partitions = self._layout()
+        stream, index = key
+        draws = self.sampler.draw(key)
+        count = len(self.layers)
+        state = _ForwardState(key, [None] * count, [None] * count)
+        sums: dict[str, list[torch.Tensor]] = {name: [] for name in REGULARISER_TERMS}
+        for number, partition in enumerate(partitions):
+            group_draws = [draws[g] for g in partition.groups]
+            _gather_zero3([p for layer in partition.layers for p in (layer.wishart_log_scale, layer.concentration_log)])
+            log_v = [full_fp32(layer.wishart_log_scale) for layer in partition.layers]
+            log_alpha = [full_fp32(layer.concentration_log) for layer in partition.layers]
+            alpha = torch.cat(log_alpha).detach().exp()
+            generator = seeded_generator(alpha.device, stream_seed(self.config.seed, self.sampler.rank, _MIXTURE_STREAM[stream], index, number))
+            sample = dirichlet_sample(alpha, generator)
+            spec = _ScaleSpec(partition, self.config.sample_scaler, self.config.sparse_mixture, sample)
+            scales = _RowScales.apply(spec, *log_v, *log_alpha)
+            noise = [layer_noise for draw in group_draws for layer_noise in draw.noise.unbind(0)]
+            for layer, scale, layer_noise in zip(partition.layers, scales, noise, strict=True):
+                state.scales[layer.layer_index] = scale
+                state.noise[layer.layer_index] = layer_noise
+            if with_regulariser:
+                for name, value in self._regulariser_sums(partition, group_draws, log_v, log_alpha, sample).items():
+                    sums[name].append(value.to(partitions[0].dof.device))
+        if with_regulariser:
+            state.regulariser = self._regulariser(sums, count)
+        return state
+
+    def _regulariser_sums(
+        self,
+        partition: _Partition,
+        draws: list[BartlettDraw],
+        log_v: list[torch.Tensor],
+        log_alpha: list[torch.Tensor],
+        sample: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """Each term summed over the partition's layers, vectorised (fp32, autocast off)."""
+        with torch.autocast(partition.dof.device.type, enabled=False):
+            stacked_log_v = partition.stack_rows(log_v, fill=0.0)  # padding: v = 1, no KL
+            row_sq = partition.stack_rows([draw.row_sq.view(-1) for draw in draws], fill=1.0)  # padding: no KL
+            log_det = torch.cat([draw.log_det for draw in draws])
+            alpha = torch.cat(log_alpha).exp()
+            return {
+                "kl_gaussian": kl_gaussian(stacked_log_v, row_sq, log_det).sum(),
+                "kl_wishart": kl_wishart(stacked_log_v, partition.dof).sum(),
+                "kl_dirichlet": kl_dirichlet(alpha, self.config.dirichlet_prior).sum(),
+                "cooperative": cooperative_loss(dirichlet_attach(alpha, sample)).sum(),
+            }
+
+    def _regulariser(self, sums: dict[str, list[torch.Tensor]], count: int) -> dict[str, torch.Tensor]:
+        terms = {name: (values[0] if len(values) == 1 else torch.stack(values).sum()) / count for name, values in sums.items()}
+        kl = terms["kl_gaussian"] + terms["kl_wishart"] + terms["kl_dirichlet"]
+        terms["total"] = self.config.kl_weight * kl + terms["cooperative"]
+        return terms
+
+    def regulariser(self) -> dict[str, torch.Tensor]:
+        """The regulariser of the last training forward, averaged over layers (fp32, differentiable):
+        total = kl_weight * mean(KL_N + KL_W + KL_D) + mean(cooperative)."""
+        if self._train is None or self._train.regulariser is None:
+            raise RuntimeError("monteclora_losses: no training-mode forward has run yet")
+        return self._train.regulariser
+
+    # -- state ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, int]:
+        """What a checkpoint must hold for the noise of a resumed run to continue exactly."""
+        return {"seed": self.config.seed, "forward_index": self.forward_index}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if int(state["seed"]) != self.config.seed:
+            raise ValueError(f"sampler state has seed {state['seed']}, this model was built with seed {self.config.seed}")
+        self.forward_index = int(state["forward_index"])
+        self._train = None
+        self.sampler.drop_pending()
+
+    # -- copying: a forward's graph is not copied --------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.update(_train=None, _predictive=None, _partitions=None)
+        return state
