@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,9 +15,9 @@ from monte_ds.evaluation.calibration import (
     gold_index,
     reliability_bins,
 )
-from monte_ds.evaluation.tasks import load_tasks, task_configs, task_manager
+from monte_ds.evaluation.tasks import BUNDLED_SAMPLE_DIR, load_tasks, task_configs, task_manager
 
-FIXTURES = Path(__file__).parent / "fixtures" / "eval"
+FIXTURES = BUNDLED_SAMPLE_DIR
 
 
 def scores(probabilities: list[list[float]], gold: list[int]) -> ChoiceScores:

@@ -12,9 +12,10 @@ from transformers import AutoModelForCausalLM
 
 from monte_ds import MonteCLoRAConfig, get_monteclora_model, save_adapter
 from monte_ds.cli import main as monte_ds_main
+from monte_ds.evaluation.tasks import BUNDLED_SAMPLE_DIR
 from monte_ds.tiny import build_tiny_llama
 
-FIXTURES = Path(__file__).parent / "fixtures" / "eval"
+FIXTURES = BUNDLED_SAMPLE_DIR
 TARGETS = ["q_proj", "v_proj"]
 
 
@@ -72,7 +73,7 @@ def test_4bit_base_with_a_monteclora_adapter(tiny_path, monteclora_adapter, tmp_
                      "--device", "cpu", "--predictive-samples", "2")
     assert run_eval(*args) == 0
     report = json.loads((out / "report.json").read_text())
-    assert report["metadata"]["load_in_4bit"] is True
+    assert report["metadata"]["quantization"] == "nf4"
     assert set(report["predictive"]["tasks"]) == {"piqa", "boolq"}
 
 

@@ -16,9 +16,10 @@ from monte_ds import MonteCLoRAConfig, get_monteclora_model
 from monte_ds.errors import UserError
 from monte_ds.evaluation import evaluate, humaneval, predictive
 from monte_ds.evaluation.report import metric_rows
+from monte_ds.evaluation.tasks import BUNDLED_SAMPLE_DIR
 from monte_ds.tiny import build_tiny_llama
 
-FIXTURES = Path(__file__).parent / "fixtures" / "eval"
+FIXTURES = BUNDLED_SAMPLE_DIR
 COMMONSENSE = ["arc_easy", "arc_challenge", "piqa", "social_iqa", "winogrande", "openbookqa", "boolq", "hellaswag"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -90,11 +91,27 @@ def test_report_of_commonsense_and_gsm8k(model, tokenizer, training_log, tmp_pat
     assert meta["versions"]["trl"] == "1.16.0"
     assert report["options"]["limit"] == 2 and report["options"]["suites"] == ["commonsense", "gsm8k"]
 
-    table = (out / "report.md").read_text().splitlines()
+    assert report["suites"] == {
+        "commonsense": {"tasks": COMMONSENSE, "status": "completed", "error": None},
+        "gsm8k": {"tasks": ["gsm8k"], "status": "completed", "error": None},
+    }
+    # max_gen_toks=8 caps gsm8k's 256 and leaves the rest of the 512-token context to the prompt;
+    # the 5-shot prompts are longer than that (lm-eval cuts the first shots), the questions are not.
+    limit = report["generation"]["gsm8k"]
+    assert {key: limit[key] for key in ("context_length", "requested_max_gen_toks", "max_gen_toks", "derived")} == {
+        "context_length": 512, "requested_max_gen_toks": 8, "max_gen_toks": 8, "derived": False,
+    }
+    assert limit["max_prompt_tokens"] == 504 and limit["longest_prompt_tokens"] <= 504
+    assert limit["truncated_prompts"] == 2
+    assert report["lm_eval"]["configs"]["gsm8k"]["generation_kwargs"]["max_gen_toks"] == 8
+
+    table, _, generation = (out / "report.md").read_text().partition("\n## Generation limits\n")
+    table = table.splitlines()
     assert table[0].startswith("| Task | Metric | Value | Stderr |")
     expected_rows = sum(len(metric_rows(results[t])) for t in report["tasks"]) + 2 * len(COMMONSENSE)  # + nll, ece
     assert len(table) == 2 + expected_rows
     assert any(line.startswith("| gsm8k (5-shot, n=2) | exact_match (strict-match) |") for line in table)
+    assert f"| gsm8k | 512 | 8 | 8 | 504 | {report['generation']['gsm8k']['truncated_prompts']} |" in generation
 
 
 def test_humaneval_executes_every_sample_only_with_the_opt_in(model, tokenizer, tmp_path, monkeypatch):
@@ -163,7 +180,7 @@ def test_posterior_predictive_mode_reports_k_draws_beside_the_mean(monteclora_mo
         monteclora_model, tokenizer, tmp_path / "report", suites=["piqa", "boolq", "gsm8k"],
         data_dir=str(FIXTURES), limit=3, max_gen_toks=4, num_fewshot=0, predictive_samples=2,
     )
-    assert draws == [0, 1]
+    assert draws == [0, 1, 0, 1]  # draws 0..K-1 for each multiple-choice suite (piqa, boolq), none for gsm8k
     drawn = report["predictive"]
     assert drawn["draws"] == 2 and set(drawn["tasks"]) == {"piqa", "boolq"}  # multiple choice only
     for task, cal in drawn["tasks"].items():

@@ -1,4 +1,5 @@
-"""Suites, task definitions in evals/, and the offline data layout <data_dir>/<task>/<split>.jsonl."""
+"""Suites, the task definitions shipped in monte_ds/evals/, and the offline data layout
+<data_dir>/<task>/<split>.jsonl, with the bundled sample as one."""
 
 from __future__ import annotations
 
@@ -7,11 +8,20 @@ from pathlib import Path
 
 import pytest
 
+import monte_ds
 from monte_ds.errors import UserError
 from monte_ds.evaluation import EvalOptions, plan_evaluation, validate_options
-from monte_ds.evaluation.tasks import expand_suites, load_tasks, task_configs, task_manager
+from monte_ds.evaluation.tasks import (
+    BUNDLED_SAMPLE,
+    BUNDLED_SAMPLE_DIR,
+    EVALS_DIR,
+    expand_suites,
+    load_tasks,
+    task_configs,
+    task_manager,
+)
 
-FIXTURES = Path(__file__).parent / "fixtures" / "eval"
+FIXTURES = BUNDLED_SAMPLE_DIR
 COMMONSENSE = ["arc_easy", "arc_challenge", "piqa", "social_iqa", "winogrande", "openbookqa", "boolq", "hellaswag"]
 
 
@@ -21,10 +31,12 @@ def manager():
 
 
 def test_suites_expand_to_their_tasks_in_order_once(manager):
-    assert expand_suites(manager, ["commonsense"]) == COMMONSENSE
-    assert expand_suites(manager, ["gsm8k", "piqa", "commonsense", "humaneval"]) == (
-        ["gsm8k", "piqa"] + [t for t in COMMONSENSE if t != "piqa"] + ["humaneval"]
-    )
+    assert expand_suites(manager, ["commonsense"]) == {"commonsense": COMMONSENSE}
+    assert expand_suites(manager, ["gsm8k", "piqa", "commonsense", "humaneval"]) == {
+        "gsm8k": ["gsm8k"], "piqa": ["piqa"], "commonsense": [t for t in COMMONSENSE if t != "piqa"], "humaneval": ["humaneval"]
+    }
+    # A suite whose tasks all ran under an earlier name is dropped, not run empty.
+    assert expand_suites(manager, ["commonsense", "boolq"]) == {"commonsense": COMMONSENSE}
 
 
 def test_unknown_or_empty_suites_are_user_errors(manager):
@@ -99,3 +111,15 @@ def test_too_few_few_shot_examples_is_a_user_error(manager):
     configs = task_configs(manager, ["gsm8k"], str(FIXTURES), 6, 1)
     with pytest.raises(UserError, match="^num_fewshot: gsm8k uses 6 few-shot examples but its few-shot split has 5"):
         load_tasks(manager, configs, 6)
+
+
+def test_the_bundled_sample_is_a_data_dir_for_every_offline_task():
+    plan = plan_evaluation({"suites": ["commonsense", "gsm8k"], "data_dir": BUNDLED_SAMPLE})
+    assert list(plan.tasks) == COMMONSENSE + ["gsm8k"]
+    for name, task in plan.tasks.items():
+        files = [Path(path) for path in task.config.dataset_kwargs["data_files"].values()]
+        assert files and all(path.parent == BUNDLED_SAMPLE_DIR / name for path in files)
+        assert len(task.eval_docs) == 3
+    # Shipped inside the package (pyproject's package data), not read from the test tree.
+    assert BUNDLED_SAMPLE_DIR.is_relative_to(Path(monte_ds.__file__).parent)
+    assert EVALS_DIR.is_relative_to(Path(monte_ds.__file__).parent)

@@ -1,13 +1,16 @@
-"""`monte-ds eval`: load a model (and adapter), run the suites, write the report.
+"""`monte-ds eval`: plan (checks and data), load a model (and adapter), run the suites, write the report.
 
 The evaluation flags are derived from `EvalOptions`, so the command, the Python API and
-the training config's `eval` section accept the same options.
+the training config's `eval` section accept the same options. Exit codes: 0 every suite
+completed, 2 user error (nothing written), 3 a suite failed while running (the report holds
+the other suites' results and the failure).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import typing
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -15,13 +18,14 @@ from typing import Any, NoReturn
 import torch
 
 from monte_ds.errors import UserError
-from monte_ds.evaluation.loading import DTYPES, load_model
+from monte_ds.evaluation.loading import DTYPES, load_model, nf4_config
 from monte_ds.evaluation.options import EvalOptions
 from monte_ds.evaluation.runner import plan_evaluation, run_plan
 
+EXIT_SUITE_FAILED = 3
 OPTION_FIELDS = {f.name: f for f in dataclasses.fields(EvalOptions)}
-# Keys that errors from `evaluate` name and that the command takes as flags.
-FLAGGED_KEYS = {*OPTION_FIELDS, "training_log"}
+# Keys that errors from planning and loading name and that the command takes as flags.
+FLAGGED_KEYS = {*OPTION_FIELDS, "training_log", "model", "adapter"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -74,11 +78,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = {name: args.pop(name) for name in OPTION_FIELDS if name in args}
     try:
         plan = plan_evaluation(options, args["training_log"])  # data and checks first: the model load is slow
-        model, tokenizer, metadata = load_model(
-            args["model"], args["adapter"], args["load_in_4bit"], args["dtype"], args["device"]
+        loaded = load_model(
+            args["model"],
+            args["adapter"],
+            dtype=args["dtype"],
+            device=args["device"],
+            quantization=nf4_config(args["dtype"]) if args["load_in_4bit"] else None,
         )
-        result = run_plan(plan, model, tokenizer, args["output"], metadata)
+        result = run_plan(plan, loaded.model, loaded.tokenizer, args["output"], loaded.metadata)
     except UserError as err:
         raise _as_flag(err) from None
+    failed = {name: suite["error"] for name, suite in result["suites"].items() if suite["status"] == "failed"}
     print(f"report: {args['output']} ({len(result['tasks'])} tasks)")
+    if failed:
+        listing = "; ".join(f"{name}: {error}" for name, error in failed.items())
+        print(f"monte-ds: error: {len(failed)} suite(s) failed, the others are in the report -- {listing}", file=sys.stderr)
+        return EXIT_SUITE_FAILED
     return 0

