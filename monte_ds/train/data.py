@@ -106,32 +106,37 @@ def bundled_path(path: str) -> Path:
 
 
 @contextmanager
-def quiet_progress() -> Iterator[None]:
-    """No `datasets` progress bars on stderr while checking: an error must stay one line."""
-    was_disabled = datasets.are_progress_bars_disabled()
+def quiet_datasets() -> Iterator[None]:
+    """No `datasets` progress bars or error logs on stderr while loading and checking: the
+    problems are reported here, and an error must stay one line."""
+    was_disabled, verbosity = datasets.are_progress_bars_disabled(), datasets.logging.get_verbosity()
     datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     try:
         yield
     finally:
+        datasets.logging.set_verbosity(verbosity)
         if not was_disabled:
             datasets.enable_progress_bars()
 
 
 def training_dataset(data: DataSection) -> tuple[datasets.Dataset, Source]:
     """The `data` section's rows, checked (bad rows raise or are skipped, per `on_bad_rows`) and converted."""
-    with quiet_progress():
+    with quiet_datasets():
         dataset, source = load_source(data.path, data.split, data.subset, data.on_bad_rows)
         return _prepare(dataset, source, data.format, data.max_samples, data.prompt_template, data.completion_column, data.on_bad_rows)
 
 
+Rows = datasets.Dataset | list[dict[str, Any]]  # a dataset, or the exact records of a JSON file parsed here
+
+
 def load_training_data(path: str, split: str = "train", subset: str | None = None) -> datasets.Dataset:
     """One split of a local file, a `save_to_disk` folder, a bundled file or a hub dataset."""
-    return load_source(path, split, subset)[0]
+    rows = load_source(path, split, subset)[0]
+    return rows if isinstance(rows, datasets.Dataset) else _to_dataset(rows, path)
 
 
-def load_source(
-    path: str, split: str = "train", subset: str | None = None, on_bad_rows: str = "error"
-) -> tuple[datasets.Dataset, Source]:
+def load_source(path: str, split: str = "train", subset: str | None = None, on_bad_rows: str = "error") -> tuple[Rows, Source]:
     if path.startswith(BUNDLED_PREFIX):
         return _load_file(bundled_path(path), path, on_bad_rows)
     local = Path(path).expanduser()
@@ -158,7 +163,7 @@ def load_source(
         raise UserError(f"data.path: cannot load {path!r}: {_first_line(err)}") from None
 
 
-def _load_file(local: Path, name: str, on_bad_rows: str) -> tuple[datasets.Dataset, Source]:
+def _load_file(local: Path, name: str, on_bad_rows: str) -> tuple[Rows, Source]:
     if local.suffix not in BUILDERS:
         raise UserError(f"data.path: unsupported file type {local.suffix!r} (use {', '.join(BUILDERS)})")
     if _is_empty(local):
@@ -172,6 +177,10 @@ def _load_file(local: Path, name: str, on_bad_rows: str) -> tuple[datasets.Datas
         return _parse_json(local, name, json_lines, on_bad_rows)  # the builder does not say which line
     except OSError as err:
         raise UserError(f"data: cannot read {name}: {_first_line(err)}") from None
+    if any(isinstance(feature, datasets.Json) for feature in dataset.features.values()):
+        # A column of mixed types: the builder keeps it as JSON text and decodes the string "5"
+        # as the number 5, so only the file itself says which values are strings.
+        return _parse_json(local, name, json_lines, on_bad_rows)
     return dataset, Source(name, json_lines=local if json_lines else None)
 
 
@@ -198,8 +207,9 @@ def _is_json_lines(path: Path) -> bool:
     return False
 
 
-def _parse_json(path: Path, name: str, json_lines: bool, on_bad_rows: str) -> tuple[datasets.Dataset, Source]:
-    """A JSON file the builder refused, parsed here to name the bad lines (and skip them if asked)."""
+def _parse_json(path: Path, name: str, json_lines: bool, on_bad_rows: str) -> tuple[list[dict[str, Any]], Source]:
+    """The records of a JSON file the builder refused or read inexactly, parsed here to name the
+    bad lines (and skip them if asked)."""
     text = path.read_text(encoding="utf-8", errors="replace")
     if not json_lines:
         try:
@@ -226,12 +236,20 @@ def _parse_json(path: Path, name: str, json_lines: bool, on_bad_rows: str) -> tu
             records.append(entry)
             numbers.append(number)
     _report_bad_rows(name, bad, len(entries), on_bad_rows)
+    return records, Source(name, lines=tuple(numbers) if json_lines else None)
+
+
+def _to_dataset(records: list[dict[str, Any]], name: str) -> datasets.Dataset:
     try:
-        dataset = datasets.Dataset.from_list(records, on_mixed_types="use_json")
+        return datasets.Dataset.from_list(records, on_mixed_types="use_json")
     except (ValueError, TypeError) as err:
         raise UserError(f"data: cannot read {name}: {_first_line(err)}") from None
-    source = Source(name, lines=tuple(numbers)) if json_lines else Source(name)
-    return dataset, source
+
+
+def _columns(rows: Rows) -> list[str]:
+    if isinstance(rows, datasets.Dataset):
+        return rows.column_names
+    return list(dict.fromkeys(key for record in rows for key in record))
 
 
 def detect_format(columns: list[str]) -> str:
@@ -294,7 +312,7 @@ def prepare_dataset(
 
 
 def _prepare(
-    dataset: datasets.Dataset,
+    rows: Rows,
     source: Source,
     data_format: str,
     max_samples: int | None,
@@ -303,21 +321,22 @@ def _prepare(
     on_bad_rows: str,
 ) -> tuple[datasets.Dataset, Source]:
     if max_samples is not None:
-        dataset = dataset.select(range(min(max_samples, len(dataset))))
-    if len(dataset) == 0:
+        rows = rows.select(range(min(max_samples, len(rows)))) if isinstance(rows, datasets.Dataset) else rows[:max_samples]
+    if len(rows) == 0:
         raise UserError(f"data: {source.name} has no rows")
-    data_format = detect_format(dataset.column_names) if data_format == "auto" else data_format
-    missing = [column for column in REQUIRED_COLUMNS[data_format] if column not in dataset.column_names]
-    if data_format == "messages" and not {"messages", "conversations"} & set(dataset.column_names):
+    columns = _columns(rows)
+    data_format = detect_format(columns) if data_format == "auto" else data_format
+    missing = [column for column in REQUIRED_COLUMNS[data_format] if column not in columns]
+    if data_format == "messages" and not {"messages", "conversations"} & set(columns):
         missing = ["messages"]
     if missing:
-        raise UserError(f"data.format: {data_format!r} needs the column(s) {missing}; the data has {dataset.column_names}")
+        raise UserError(f"data.format: {data_format!r} needs the column(s) {missing}; the data has {columns}")
     if data_format == "template":
-        absent = sorted((placeholders(prompt_template) | {completion_column}) - set(dataset.column_names))
+        absent = sorted((placeholders(prompt_template) | {completion_column}) - set(columns))
         if absent:
-            raise UserError(f"data.prompt_template: no column(s) {absent} in the data (columns: {dataset.column_names})")
-    checks = _field_checks(dataset, data_format, prompt_template, completion_column)
-    dataset, source = _without_bad_rows(dataset, checks, source, on_bad_rows)
+            raise UserError(f"data.prompt_template: no column(s) {absent} in the data (columns: {columns})")
+    checks = _field_checks(columns, data_format, prompt_template, completion_column)
+    dataset, source = _without_bad_rows(rows, checks, source, on_bad_rows)
     if data_format == "alpaca":
         dataset = dataset.map(alpaca_to_prompt_completion, remove_columns=dataset.column_names)
     elif data_format == "template":
@@ -381,18 +400,18 @@ def _text_or_conversation(value: Any) -> str | None:
 
 
 def _field_checks(
-    dataset: datasets.Dataset, data_format: str, prompt_template: str | None, completion_column: str
+    columns: list[str], data_format: str, prompt_template: str | None, completion_column: str
 ) -> dict[str, Check]:
     """The check of each column a format reads."""
     if data_format == "alpaca":
         checks = {"instruction": _string, "output": _string}
-        return checks | ({"input": _optional_string} if "input" in dataset.column_names else {})
+        return checks | ({"input": _optional_string} if "input" in columns else {})
     if data_format == "prompt_completion":
         return {"prompt": _text_or_conversation, "completion": _text_or_conversation}
     if data_format == "text":
         return {"text": _string}
     if data_format == "messages":
-        if "messages" in dataset.column_names:
+        if "messages" in columns:
             return {"messages": _conversation(CHAT_ROLES)}
         return {"conversations": _conversation((*CHAT_ROLES, *SHAREGPT_ROLES))}
     fields = placeholders(prompt_template) - {completion_column}
@@ -410,30 +429,37 @@ def _needs_row_checks(dataset: datasets.Dataset, column: str, check: Check) -> b
     return not (is_string and check is _optional_string)
 
 
+def _values(rows: Rows, columns: list[str]) -> Iterator[tuple[Any, ...]]:
+    """Each row's values of `columns`, in order (a dataset is read in column batches)."""
+    if isinstance(rows, list):
+        yield from (tuple(record.get(column) for column in columns) for record in rows)
+        return
+    for batch in rows.select_columns(columns).iter(batch_size=CHECK_BATCH_ROWS):
+        yield from zip(*(batch[column] for column in columns))
+
+
 def _without_bad_rows(
-    dataset: datasets.Dataset, checks: dict[str, Check], source: Source, on_bad_rows: str
+    rows: Rows, checks: dict[str, Check], source: Source, on_bad_rows: str
 ) -> tuple[datasets.Dataset, Source]:
     """Raise on the first bad row (counting them all), or drop the bad rows with a warning."""
-    checks = {column: check for column, check in checks.items() if _needs_row_checks(dataset, column, check)}
-    if not checks:
-        return dataset, source
+    if isinstance(rows, datasets.Dataset):
+        checks = {column: check for column, check in checks.items() if _needs_row_checks(rows, column, check)}
     bad: list[tuple[int, str]] = []
-    index = 0
-    for batch in dataset.select_columns(list(checks)).iter(batch_size=CHECK_BATCH_ROWS):
-        for values in zip(*(batch[column] for column in checks)):
-            for (column, check), value in zip(checks.items(), values):
-                if (problem := check(value)) is not None:
-                    bad.append((index, f"{column!r} {problem}"))
-                    break
-            index += 1
+    for index, values in enumerate(_values(rows, list(checks)) if checks else ()):
+        for (column, check), value in zip(checks.items(), values):
+            if (problem := check(value)) is not None:
+                bad.append((index, f"{column!r} {problem}"))
+                break
     if not bad:
-        return dataset, source
+        return (rows if isinstance(rows, datasets.Dataset) else _to_dataset(rows, source.name)), source
     shown = bad[:1] if on_bad_rows == "error" else bad[:LISTED_BAD_ROWS]
     located = list(zip(source.where([row for row, _ in shown]), (problem for _, problem in shown)))
-    _report_bad_rows(source.name, located, len(dataset), on_bad_rows, len(bad))
+    _report_bad_rows(source.name, located, len(rows), on_bad_rows, len(bad))
     skipped = {row for row, _ in bad}
-    kept = [row for row in range(len(dataset)) if row not in skipped]
-    return dataset.select(kept), source.keeping(kept)
+    kept = [row for row in range(len(rows)) if row not in skipped]
+    if isinstance(rows, datasets.Dataset):
+        return rows.select(kept), source.keeping(kept)
+    return _to_dataset([rows[row] for row in kept], source.name), source.keeping(kept)
 
 
 def _report_bad_rows(
