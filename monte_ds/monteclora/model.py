@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import EvaConfig, LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from monte_ds.config import MonteCLoRAConfig
-from monte_ds.monteclora.engine import MonteCLoRAEngine
+from monte_ds.monteclora.engine import REGULARISER_TERMS, MonteCLoRAEngine
 from monte_ds.monteclora.layer import MonteCLoRALinearA
+from monte_ds.monteclora.targets import check_targets, infer_task_type
+
+_LORA_FIELDS = {f.name for f in dataclasses.fields(LoraConfig)}
 
 
 def _supported_lora_layer_types() -> tuple[type, ...]:
@@ -28,17 +33,14 @@ def _supported_lora_layer_types() -> tuple[type, ...]:
 
 
 def lora_config(config: MonteCLoRAConfig) -> LoraConfig:
-    """The plain peft LoRA config underneath (also what the exported adapter declares)."""
-    return LoraConfig(
-        r=config.r,
-        lora_alpha=config.lora_alpha,
-        target_modules=config.resolved_target_modules,
-        lora_dropout=config.lora_dropout,
-        use_rslora=config.use_rslora,
-        modules_to_save=config.modules_to_save,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
+    """The plain peft LoRA config underneath (also what the exported adapter declares): every
+    LoraConfig field MonteCLoRAConfig holds, passed by name (copies: peft extends some lists in
+    place, e.g. `modules_to_save` with its classifier names)."""
+    fields = {f.name: copy.deepcopy(getattr(config, f.name)) for f in dataclasses.fields(config) if f.name in _LORA_FIELDS}
+    fields["target_modules"] = config.resolved_target_modules
+    if config.eva_config is not None:
+        fields["eva_config"] = EvaConfig(**config.eva_config)
+    return LoraConfig(**fields)
 
 
 def get_monteclora_model(
@@ -49,10 +51,21 @@ def get_monteclora_model(
 ) -> PeftModel:
     """Wrap `model` with peft LoRA, then turn every adapted linear layer's A into MonteCLoRA's.
 
-    Raises ValueError naming the module when a targeted layer is not linear (embedding,
-    convolution, ...): nothing falls back to plain LoRA silently.
+    `model` may already be a PeftModel: the adapter is then added under `adapter_name` (not
+    activated, as peft's `add_adapter`), with its own engine. `config.task_type=None` is
+    inferred from the model. Raises ValueError naming every target entry that matches no
+    module, and the module when a targeted layer is not linear (embedding, convolution, ...):
+    nothing falls back to plain LoRA silently. Only peft's default init of A is re-drawn from
+    the seed; every other `init_lora_weights` is kept exactly.
     """
-    peft_model = get_peft_model(model, lora_config(config), adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
+    if config.task_type is None:
+        config = dataclasses.replace(config, task_type=infer_task_type(model))
+    check_targets(model, config)
+    if isinstance(model, PeftModel):
+        model.add_adapter(adapter_name, lora_config(config), low_cpu_mem_usage=low_cpu_mem_usage)
+        peft_model = model
+    else:
+        peft_model = get_peft_model(model, lora_config(config), adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
     engine = MonteCLoRAEngine(config, adapter_name)
     supported = _supported_lora_layer_types()
     for name, module in peft_model.named_modules():
@@ -65,14 +78,14 @@ def get_monteclora_model(
                 f"MonteCLoRA supports linear layers only (nn.Linear, bitsandbytes Linear4bit/Linear8bitLt); "
                 f"{name} is {type(module.get_base_layer()).__name__}"
             )
-        module.lora_A[adapter_name] = MonteCLoRALinearA(module.lora_A[adapter_name], config, engine)
+        module.lora_A[adapter_name] = MonteCLoRALinearA(module.lora_A[adapter_name], config, engine, seeded_init=config.init_lora_weights is True)
         if config.posthoc:
             module.lora_A[adapter_name].weight.requires_grad_(False)
             module.lora_B[adapter_name].weight.requires_grad_(False)
     if not engine.layers:
         raise ValueError(f"target_modules {config.resolved_target_modules!r} matched no linear layer")
     root = peft_model.get_base_model()
-    root.register_forward_pre_hook(ForwardStart(engine))
+    root.register_forward_pre_hook(ForwardStart(engine, _lora_layer(peft_model)))
     return peft_model
 
 
@@ -85,14 +98,26 @@ class ForwardStart:
     to the copy's own engine (functions are not copied by deepcopy).
     """
 
-    def __init__(self, engine: MonteCLoRAEngine) -> None:
+    def __init__(self, engine: MonteCLoRAEngine, lora_layer: LoraLayer) -> None:
         self.engine = engine
+        self.lora_layer = lora_layer  # one of the adapter's peft layers: says whether it is active
 
     def __call__(self, module: nn.Module, args) -> None:
+        if not _is_active(self.lora_layer, self.engine.adapter_name):
+            return  # an inactive or disabled adapter draws nothing and its counter stays
         if module.training:
             self.engine.begin_training_forward()
         else:
             self.engine.begin_eval_forward()
+
+
+def _lora_layer(model: nn.Module) -> LoraLayer:
+    """One of the model's peft LoRA layers: peft sets the active and disabled adapters on all alike."""
+    return next(module for module in model.modules() if isinstance(module, LoraLayer))
+
+
+def _is_active(lora_layer: LoraLayer, adapter_name: str) -> bool:
+    return not lora_layer.disable_adapters and adapter_name in lora_layer.active_adapters
 
 
 def monteclora_layers(model: nn.Module) -> Iterator[MonteCLoRALinearA]:
@@ -125,9 +150,18 @@ def monteclora_engine(model: nn.Module, adapter_name: str | None = None) -> Mont
 def monteclora_losses(model: nn.Module) -> dict[str, torch.Tensor]:
     """The regulariser of the last training forward, averaged over layers (fp32, differentiable).
 
-    total = kl_weight * mean(KL_N + KL_W + KL_D) + mean(cooperative)
+    total = kl_weight * mean(KL_N + KL_W + KL_D) + mean(cooperative), summed over the active
+    MonteCLoRA adapters (peft's `set_adapter`); zero while the adapters are disabled.
     """
-    return monteclora_engine(model).regulariser()
+    engines = monteclora_engines(model)
+    if not engines:
+        raise ValueError("model has no MonteCLoRA layers (build it with monte_ds.get_monteclora_model)")
+    lora_layer = _lora_layer(model)
+    terms = [engine.regulariser() for name, engine in engines.items() if _is_active(lora_layer, name)]
+    if not terms:
+        zero = torch.zeros((), device=next(iter(engines.values())).layers[0].weight.device)
+        return {name: zero for name in (*REGULARISER_TERMS, "total")}
+    return {name: sum((each[name] for each in terms[1:]), terms[0][name]) for name in terms[0]}
 
 
 def sampler_state(model: nn.Module) -> dict[str, int]:
