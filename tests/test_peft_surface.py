@@ -160,6 +160,16 @@ def eval_output(model: nn.Module, **inputs) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.logits
 
 
+def train_steps(model: nn.Module, steps: int, **inputs) -> None:
+    """SGD on task loss + regulariser, so that A, B, the heads and DoRA's magnitude move."""
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.3)
+    for _ in range(steps):
+        model.train()
+        (model(**inputs).loss + monteclora_losses(model)["total"]).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
 def adapted_names(model: nn.Module, adapter_name: str = "default") -> set[str]:
     return {name for name, module in model.named_modules() if isinstance(module, LoraLayer) and adapter_name in module.lora_A}
 
@@ -221,17 +231,10 @@ def test_sequence_classification_trains_the_classifier_and_reloads_exactly(tmp_p
     config = MonteCLoRAConfig(r=4, target_modules=["query", "value"], modules_to_save=["classifier"])
     model = get_monteclora_model(copy.deepcopy(base), config)
     ids = torch.randint(0, 64, (4, 7), generator=torch.Generator().manual_seed(1))
-    labels = torch.tensor([0, 1, 2, 1])
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
-    for _ in range(2):
-        model.train()
-        out = model(input_ids=ids, labels=labels)
-        (out.loss + monteclora_losses(model)["total"]).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    head = model.base_model.model.classifier
-    assert not torch.equal(head.modules_to_save["default"].out_proj.weight if encoder == "roberta" else head.modules_to_save["default"].weight,
-                           base.classifier.out_proj.weight if encoder == "roberta" else base.classifier.weight)
+    train_steps(model, 2, input_ids=ids, labels=torch.tensor([0, 1, 2, 1]))
+    trained_head = model.base_model.model.classifier.modules_to_save["default"]
+    assert not torch.equal(trained_head.state_dict()["out_proj.weight" if encoder == "roberta" else "weight"],
+                           base.classifier.state_dict()["out_proj.weight" if encoder == "roberta" else "weight"])
     save_adapter(model, tmp_path / "adapter")
     reloaded = load_adapter(copy.deepcopy(base), tmp_path / "adapter")
     assert torch.equal(eval_output(reloaded, input_ids=ids), eval_output(model, input_ids=ids))
@@ -339,15 +342,9 @@ def test_dora_trains_with_noise_on_a_and_exports_to_plain_peft_dora(tmp_path):
     config = MonteCLoRAConfig(r=4, use_dora=True, sample_scaler=0.5)
     model = get_monteclora_model(tiny_llama(), config)
     ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     magnitude = model.base_model.model.model.layers[0].self_attn.q_proj.lora_magnitude_vector["default"].weight
     before = magnitude.detach().clone()
-    for _ in range(3):
-        model.train()
-        out = model(input_ids=ids, labels=ids)
-        (out.loss + monteclora_losses(model)["total"]).backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    train_steps(model, 3, input_ids=ids, labels=ids)
     assert not torch.equal(magnitude, before)  # DoRA's magnitude trains
     model.train()
     with torch.no_grad():
