@@ -34,7 +34,9 @@ class EvalOptions:
         [], "suites (gsm8k, humaneval, commonsense) or individual task names; empty: no evaluation"
     )
     data_dir: str | None = _option(
-        None, "offline data: <data_dir>/<task>/<split>.jsonl (docs/evaluation.md); unset: the hub datasets"
+        None,
+        "offline data: <data_dir>/<task>/<split>.jsonl (docs/evaluation.md), or bundled:eval for the sample "
+        "shipped with monte-ds; unset: the hub datasets",
     )
     limit: int | None = _option(None, "evaluate only the first N documents of each task (smoke tests)", minimum=1)
     num_fewshot: int | None = _option(None, "few-shot examples per prompt; unset: each task's default", minimum=0)
@@ -44,7 +46,9 @@ class EvalOptions:
         False, "run model-generated code against HumanEval's tests (required for humaneval)"
     )
     humaneval_samples: int = _option(4, "sampled completions per HumanEval problem (n of pass@k)", minimum=1)
-    max_gen_toks: int | None = _option(None, "generation length cap; unset: each task's default", minimum=1)
+    max_gen_toks: int | None = _option(
+        None, "generation length cap; unset: each task's default (either is fitted to the model's context)", minimum=1
+    )
     predictive_samples: int = _option(
         0, "K posterior draws of a MonteCLoRA adapter averaged on the multiple-choice tasks; 0: off", minimum=0
     )
