@@ -13,6 +13,8 @@ directory is reported (exit 2) before the first byte is written. Output director
     report/              the evaluation report, when eval.suites is set
 
 Exit codes: 0 trained, 2 user error, 3 the loss diverged (metrics.json says "diverged").
+An evaluation after training that fails (a suite, or all of it) is recorded in report/ and
+logged; the run stays completed, exit 0, its adapters kept.
 """
 
 from __future__ import annotations
@@ -26,9 +28,9 @@ import os
 import shutil
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import datasets
 import torch
@@ -51,8 +53,12 @@ from monte_ds.train.model import (
     ensure_tiny_model,
     load_base_model,
     load_tokenizer,
+    quantization_config,
 )
 from monte_ds.train.trainer import REGULARISER_TERMS, MonteCLoRATrainer
+
+if TYPE_CHECKING:  # lm-eval is imported only by runs that evaluate
+    from monte_ds.evaluation import EvalPlan
 
 logger = logging.getLogger("monte_ds.train")
 
@@ -87,6 +93,7 @@ class Plan:
     args: SFTConfig
     dataset: datasets.Dataset
     resume_from: Path | None
+    evaluation: EvalPlan | None  # the eval section, planned (datasets loaded) once, before training
 
 
 def plan_run(argv: Sequence[str] | None) -> Plan:
@@ -97,16 +104,17 @@ def plan_run(argv: Sequence[str] | None) -> Plan:
     args = training_arguments(config)
     resume_from = _checkpoint_to_resume(config.output_dir, options.resume)
     check_adapter_targets(config, check_model_path(config))
+    evaluation = None
     if config.eval.get("suites"):
         from monte_ds.evaluation import plan_evaluation
 
         try:
-            plan_evaluation(config.eval)
+            evaluation = plan_evaluation(config.eval)
         except UserError as err:
             raise UserError(f"eval.{err}") from None
     dataset, source = training_dataset(config.data)
     check_trainable_tokens(dataset, _planning_tokenizer(config, dataset), args, source)
-    return Plan(config, args, dataset, resume_from)
+    return Plan(config, args, dataset, resume_from, evaluation)
 
 
 def _planning_tokenizer(config: TrainConfig, dataset: datasets.Dataset) -> PreTrainedTokenizerBase:
@@ -177,13 +185,14 @@ def execute(plan: Plan) -> int:
         _print_summary(config, metrics)
     if status == "diverged":
         return EXIT_DIVERGED
-    if config.eval.get("suites") and args.process_index == 0:
+    if plan.evaluation is not None and args.process_index == 0:
         # The other ranks are done: no collective waits on an evaluation that may take hours.
+        log_history = trainer.state.log_history
         del trainer, model
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        _evaluate(config, args)
+        _evaluate(config, args, replace(plan.evaluation, log_history=log_history))
     return 0
 
 
@@ -225,37 +234,42 @@ def _save_adapters(trainer: MonteCLoRATrainer, config: TrainConfig) -> None:
     trainer.accelerator.wait_for_everyone()
 
 
-def _evaluate(config: TrainConfig, args: SFTConfig) -> None:
+def _evaluate(config: TrainConfig, args: SFTConfig, evaluation: EvalPlan) -> None:
     """Evaluate the saved adapter on the main process: a fresh load, so the report describes
-    exactly the files in output_dir, and a ZeRO-3/FSDP2 run needs no collective evaluation."""
-    from peft import PeftModel
+    exactly the files in output_dir, and a ZeRO-3/FSDP2 run needs no collective evaluation.
 
-    from monte_ds.evaluation import evaluate
+    Never fails the run: a suite that cannot run or fails is recorded in the report by
+    `run_plan`, and an evaluation that cannot start leaves a report saying why."""
+    from monte_ds.evaluation import run_plan, write_failed_report
+    from monte_ds.evaluation.loading import load_model
 
-    unset_hf_deepspeed_config()  # the reload must not be partitioned by zero.Init
-    base = load_base_model(config, args.device, sharded=False)
-    if config.method == "monteclora":
-        model = monte_ds.load_adapter(base, config.output_dir / ADAPTER_DIR)
-    else:
-        model = PeftModel.from_pretrained(base, config.output_dir / LORA_ADAPTER_DIR)
-    if not config.quantization.enabled:  # bitsandbytes placed a quantized base already
-        model.to(args.device)
-    model.eval()
+    report_dir = config.output_dir / REPORT_DIR
     metadata = {
-        "model": config.model.path,
         "adapter_method": config.method,
         "config_hash": config.config_hash(),
         "seed": args.seed,
         "versions": _versions(),
     }
-    evaluate(
-        model,
-        load_tokenizer(config),
-        output_dir=config.output_dir / REPORT_DIR,
-        training_log=config.output_dir / METRICS_NAME,
-        metadata=metadata,
-        **config.eval,
-    )
+    adapter = config.output_dir / (ADAPTER_DIR if config.method == "monteclora" else LORA_ADAPTER_DIR)
+    unset_hf_deepspeed_config()  # the reload must not be partitioned by zero.Init
+    try:
+        loaded = load_model(
+            config.model.path,
+            adapter,
+            dtype=config.model.dtype,
+            device=args.device,
+            quantization=quantization_config(config.quantization, shards_parameters=False),
+            revision=config.model.revision,
+            trust_remote_code=config.model.trust_remote_code,
+            attn_implementation=config.model.attn_implementation,
+        )
+        report = run_plan(evaluation, loaded.model, loaded.tokenizer, report_dir, {**loaded.metadata, **metadata}, strict=False)
+    except Exception as err:  # the adapters are saved and the run completed: keep both
+        logger.exception("evaluation after training failed")
+        report = write_failed_report(evaluation, report_dir, err, {"model": config.model.path, **metadata})
+    failed = [name for name, suite in report["suites"].items() if suite["status"] != "completed"]
+    if failed:
+        logger.warning("evaluation: suite(s) %s failed; see %s (training completed)", ", ".join(failed), report_dir)
 
 
 def _versions() -> dict[str, str]:
