@@ -20,14 +20,15 @@ from pathlib import Path
 
 import datasets
 import pytest
-from trl import SFTConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import SFTConfig, SFTTrainer
 
 from monte_ds.cli import main as cli_main
 from monte_ds.errors import UserError
 from monte_ds.tiny import build_tiny_llama, build_tokenizer
 from monte_ds.train import checkpoints
 from monte_ds.train.config import DataSection
-from monte_ds.train.data import Source, bundled_path, check_trainable_tokens, training_dataset
+from monte_ds.train.data import Source, _loss_masks, _truncated, bundled_path, check_trainable_tokens, training_dataset
 
 ALPACA = [
     {"instruction": "Add the two numbers.", "input": "2 + 3", "output": "5"},
@@ -298,3 +299,30 @@ def test_the_token_check_stops_at_the_first_row_that_keeps_a_token(tmp_path):
     # The whole sequence is trained on without completion-only loss: the long rows keep tokens too.
     whole = SFTConfig(output_dir=str(tmp_path / "out"), max_length=24, completion_only_loss=False, report_to=[], use_cpu=True)
     check_trainable_tokens(fits.select([0, 1]), tokenizer, whole, source)
+
+
+PAIRS = [  # prompt/completion rows whose prompts fit max_length=30, or not
+    {"prompt": "Q: 2 + 3?\nA:", "completion": " 5"},
+    {"prompt": "Reverse the word stone, letter by letter, and answer with the reversed word only:" * 2,
+     "completion": " enots"},
+    {"prompt": "Colour of the sky?", "completion": " blue, on a clear day"},
+]
+
+
+@pytest.mark.parametrize("rows", [PAIRS, CHAT], ids=["prompt-completion", "messages"])
+def test_the_token_check_counts_the_tokens_trl_trains_on(rows, tiny_base, tmp_path):
+    """The check mirrors TRL's tokenization, label masking and truncation: for every row, the tokens
+    it counts are those TRL's prepared dataset labels (rows TRL drops count none)."""
+    path = tmp_path / "train.jsonl"
+    path.write_text(jsonl(rows * 3))
+    dataset, _ = training_dataset(DataSection(path=str(path)))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    args = SFTConfig(output_dir=str(tmp_path / "out"), max_length=30, report_to=[], use_cpu=True, activation_checkpointing=False)
+    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_base), args=args, train_dataset=dataset,
+                         processing_class=tokenizer)
+    trained_by_trl = sorted(sum(label != -100 for label in labels) for labels in trainer.train_dataset["labels"])
+    completion_only = args.completion_only_loss is not False and "prompt" in dataset.column_names
+    counted = [sum(_truncated(mask, args)) for mask in _loss_masks(list(dataset), tokenizer, args, completion_only, None)]
+    assert sorted(count for count in counted if count) == trained_by_trl
+    assert 0 < len(trained_by_trl)  # a non-trivial comparison: rows are trained on
+    assert (0 in counted) == (rows is PAIRS)  # and the long prompts' rows dropped

@@ -50,6 +50,7 @@ CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant"}  # ShareGPT speakers as chat roles
 LISTED_BAD_ROWS = 20  # a skip warning names this many rows, then counts the rest
 CHECK_BATCH_ROWS = 1024
+TOKEN_CHECK_BATCH_ROWS = 64  # the token check tokenizes this many rows per batched call
 
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -124,7 +125,8 @@ def training_dataset(data: DataSection) -> tuple[datasets.Dataset, Source]:
     """The `data` section's rows, checked (bad rows raise or are skipped, per `on_bad_rows`) and converted."""
     with quiet_datasets():
         dataset, source = load_source(data.path, data.split, data.subset, data.on_bad_rows)
-        return _prepare(dataset, source, data.format, data.max_samples, data.prompt_template, data.completion_column, data.on_bad_rows)
+        options = (data.format, data.max_samples, data.prompt_template, data.completion_column, data.on_bad_rows)
+        return _prepare(dataset, source, *options)
 
 
 Rows = datasets.Dataset | list[dict[str, Any]]  # a dataset, or the exact records of a JSON file parsed here
@@ -136,7 +138,9 @@ def load_training_data(path: str, split: str = "train", subset: str | None = Non
     return rows if isinstance(rows, datasets.Dataset) else _to_dataset(rows, path)
 
 
-def load_source(path: str, split: str = "train", subset: str | None = None, on_bad_rows: str = "error") -> tuple[Rows, Source]:
+def load_source(
+    path: str, split: str = "train", subset: str | None = None, on_bad_rows: str = "error"
+) -> tuple[Rows, Source]:
     if path.startswith(BUNDLED_PREFIX):
         return _load_file(bundled_path(path), path, on_bad_rows)
     local = Path(path).expanduser()
@@ -184,27 +188,22 @@ def _load_file(local: Path, name: str, on_bad_rows: str) -> tuple[Rows, Source]:
     return dataset, Source(name, json_lines=local if json_lines else None)
 
 
-def _is_empty(path: Path) -> bool:
-    if path.suffix not in TEXT_SUFFIXES:
-        return path.stat().st_size == 0
+def _first_byte(path: Path) -> bytes:
+    """The file's first non-whitespace byte (b"" for none): reads as far as the first non-blank chunk."""
     with path.open("rb") as file:
-        while chunk := file.read(1 << 16):  # stops at the first non-blank chunk
-            if chunk.strip():
-                return False
-    return True
+        while chunk := file.read(1 << 16):
+            if stripped := chunk.lstrip():
+                return stripped[:1]
+    return b""
+
+
+def _is_empty(path: Path) -> bool:
+    return path.stat().st_size == 0 if path.suffix not in TEXT_SUFFIXES else not _first_byte(path)
 
 
 def _is_json_lines(path: Path) -> bool:
     """A `.jsonl` file, or a `.json` one that is not one JSON array."""
-    if path.suffix == ".jsonl":
-        return True
-    if path.suffix != ".json":
-        return False
-    with path.open("rb") as file:
-        while chunk := file.read(1 << 16):
-            if stripped := chunk.lstrip():
-                return not stripped.startswith(b"[")
-    return False
+    return path.suffix == ".jsonl" or (path.suffix == ".json" and _first_byte(path) != b"[")
 
 
 def _parse_json(path: Path, name: str, json_lines: bool, on_bad_rows: str) -> tuple[list[dict[str, Any]], Source]:
@@ -321,7 +320,10 @@ def _prepare(
     on_bad_rows: str,
 ) -> tuple[datasets.Dataset, Source]:
     if max_samples is not None:
-        rows = rows.select(range(min(max_samples, len(rows)))) if isinstance(rows, datasets.Dataset) else rows[:max_samples]
+        if isinstance(rows, datasets.Dataset):
+            rows = rows.select(range(min(max_samples, len(rows))))
+        else:
+            rows = rows[:max_samples]
     if len(rows) == 0:
         raise UserError(f"data: {source.name} has no rows")
     columns = _columns(rows)
@@ -387,7 +389,8 @@ def _conversation(roles: Sequence[str]) -> Check:
             role = message.get("role", message.get("from"))
             content = message.get("content", message.get("value"))
             if role not in roles:
-                return f"message {number} has {'no role' if role is None else f'the unknown role {role!r}'} (known: {', '.join(roles)})"
+                which = "no role" if role is None else f"the unknown role {role!r}"
+                return f"message {number} has {which} (known: {', '.join(roles)})"
             if not isinstance(content, str):
                 return f"message {number} content {_string(content)}"
         return None
@@ -493,7 +496,8 @@ def check_trainable_tokens(
 ) -> None:
     """Refuse a dataset in which no row keeps a single trainable token once TRL has templated,
     masked and truncated it (TRL would drop every row and fail later, after writing). Rows are
-    tokenized one at a time as TRL does, stopping at the first row that has one: the first, usually."""
+    tokenized as TRL does, a batch at a time, stopping at the first batch with a row that keeps
+    one: the first batch, usually."""
     completion_only = args.completion_only_loss
     if completion_only is None:  # TRL's default: completion-only for prompt/completion data
         completion_only = {"prompt", "completion"} <= set(dataset.column_names)
@@ -506,14 +510,14 @@ def check_trainable_tokens(
                 chat_template = get_training_chat_template(tokenizer)
             except ValueError as err:
                 raise UserError(f"training.assistant_only_loss: {_first_line(err)}") from None
-    for index, row in enumerate(dataset):
+    for start in range(0, len(dataset), TOKEN_CHECK_BATCH_ROWS):
+        batch = dataset[start : start + TOKEN_CHECK_BATCH_ROWS]
+        rows = [maybe_convert_to_chatml(dict(zip(batch, values))) for values in zip(*batch.values())]
         try:
-            mask = _loss_mask(dict(row), tokenizer, args, completion_only, chat_template)
-        except (ValueError, TemplateError) as err:
-            raise UserError(f"data: {source.name} {source.where([index])[0]}: cannot template it: {_first_line(err)}") from None
-        if args.max_length is not None and not args.packing:
-            mask = mask[-args.max_length :] if args.truncation_mode == "keep_end" else mask[: args.max_length]
-        if any(mask):
+            masks = _loss_masks(rows, tokenizer, args, completion_only, chat_template)
+        except (ValueError, TypeError, TemplateError):
+            raise _untemplatable(rows, start, tokenizer, args, completion_only, chat_template, source) from None
+        if any(any(_truncated(mask, args)) for mask in masks):
             return
     if args.assistant_only_loss:
         reason = "training.assistant_only_loss is set but no assistant token survives"
@@ -527,35 +531,61 @@ def check_trainable_tokens(
     )
 
 
-def _loss_mask(
-    row: dict[str, Any], tokenizer: PreTrainedTokenizerBase, args: SFTConfig, completion_only: bool, chat_template: str | None
-) -> list[int]:
-    """1 for each token of the row's training sequence that TRL's labels keep, before truncation."""
-    row = maybe_convert_to_chatml(row)
+def _truncated(mask: list[int], args: SFTConfig) -> list[int]:
+    """What TRL's truncation to `max_length` keeps (packing chunks sequences instead)."""
+    if args.max_length is None or args.packing:
+        return mask
+    return mask[-args.max_length :] if args.truncation_mode == "keep_end" else mask[: args.max_length]
+
+
+def _untemplatable(
+    rows: list[dict[str, Any]], start: int, tokenizer: PreTrainedTokenizerBase, args: SFTConfig,
+    completion_only: bool, chat_template: str | None, source: Source,
+) -> UserError:
+    """The error naming the first row of a batch that fails to template (retried one by one)."""
+    for offset, row in enumerate(rows):
+        try:
+            _loss_masks([row], tokenizer, args, completion_only, chat_template)
+        except (ValueError, TypeError, TemplateError) as err:
+            return UserError(f"data: {source.name} {source.where([start + offset])[0]}: cannot template it: {_first_line(err)}")
+    return UserError(f"data: {source.name}: rows {start + 1}-{start + len(rows)} cannot be templated together")
+
+
+def _loss_masks(
+    rows: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase, args: SFTConfig, completion_only: bool,
+    chat_template: str | None,
+) -> list[list[int]]:
+    """For each row (ChatML), 1 for each token of its training sequence that TRL's labels keep,
+    before truncation: TRL's tokenization, batched (one batched call per kind of row)."""
+    conversational = [is_conversational(row) for row in rows]
+    if len(set(conversational)) > 1:
+        return [mask for row in rows for mask in _loss_masks([row], tokenizer, args, completion_only, chat_template)]
     chat = {"tokenize": True, "return_dict": True, "chat_template": chat_template}
-    if "prompt" in row:
-        if is_conversational(row):
-            prompt_ids = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, **chat)["input_ids"]
-            full = tokenizer.apply_chat_template(
-                row["prompt"] + row["completion"], return_assistant_tokens_mask=args.assistant_only_loss, **chat
-            )
+    assistant = {"return_assistant_tokens_mask": args.assistant_only_loss}
+
+    def with_eos(text: str) -> str:
+        return text if text.endswith(tokenizer.eos_token) else text + tokenizer.eos_token
+
+    if "prompt" in rows[0]:
+        prompts = [row["prompt"] for row in rows]
+        if conversational[0]:
+            prompt_ids = tokenizer.apply_chat_template(prompts, add_generation_prompt=True, **chat)["input_ids"]
+            full = tokenizer.apply_chat_template([row["prompt"] + row["completion"] for row in rows], **assistant, **chat)
         else:
-            completion = row["completion"]
-            completion += "" if completion.endswith(tokenizer.eos_token) else tokenizer.eos_token
-            prompt_ids = tokenizer(text=row["prompt"])["input_ids"]
-            full = tokenizer(text=row["prompt"] + completion)
-        start = common_prefix_length(prompt_ids, full["input_ids"]) if completion_only else 0
-        mask = [0] * start + [1] * (len(full["input_ids"]) - start)
-    elif is_conversational(row):
-        full = tokenizer.apply_chat_template(row["messages"], return_assistant_tokens_mask=args.assistant_only_loss, **chat)
-        mask = [1] * len(full["input_ids"])
+            prompt_ids = tokenizer(text=prompts)["input_ids"]
+            full = tokenizer(text=[row["prompt"] + with_eos(row["completion"]) for row in rows])
+        pairs = zip(prompt_ids, full["input_ids"])
+        starts = [common_prefix_length(ids, all_ids) if completion_only else 0 for ids, all_ids in pairs]
+    elif conversational[0]:
+        full = tokenizer.apply_chat_template([row["messages"] for row in rows], **assistant, **chat)
+        starts = [0] * len(rows)
     else:
-        text = row[args.dataset_text_field]
-        full = tokenizer(text=text if text.endswith(tokenizer.eos_token) else text + tokenizer.eos_token)
-        mask = [1] * len(full["input_ids"])
+        full = tokenizer(text=[with_eos(row[args.dataset_text_field]) for row in rows])
+        starts = [0] * len(rows)
+    masks = [[0] * start + [1] * (len(ids) - start) for start, ids in zip(starts, full["input_ids"])]
     if "assistant_masks" in full:
-        mask = [bit and assistant for bit, assistant in zip(mask, full["assistant_masks"])]
-    return mask
+        masks = [[bit and kept for bit, kept in zip(mask, bits)] for mask, bits in zip(masks, full["assistant_masks"])]
+    return masks
 
 
 def dataset_texts(dataset: datasets.Dataset) -> list[str]:
