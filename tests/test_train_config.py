@@ -59,7 +59,7 @@ def write_config(tmp_path: Path, raw: dict) -> Path:
         ("adapter.r=0", "adapter.r: must be >= 1, got 0"),
         ("adapter.wishart_df=2", "adapter.wishart_df: must be null or >= the largest rank (8), got 2"),
         ("adapter.sampler=fast", 'adapter.sampler: must be one of "async", "sync", got "fast"'),
-        ("adapter.method=qlora", 'adapter.method: must be one of "monteclora", "lora", got "qlora"'),
+        ("adapter.method=qlora", 'adapter.method: must be one of "monteclora", "full", "lora"'),
         ("model.dtype=fp8", "model.dtype: must be one of"),
         ("model.build_tiny=false", "model.path: no such file or directory: "),
         ('model={"path": "no-such-org/no-such-model"}', "model.path: cannot load a model config from 'no-such-org/no"),

@@ -27,6 +27,16 @@ from monte_ds.errors import UserError
 from monte_ds.evaluation.options import EvalOptions
 from monte_ds.train import schema
 from monte_ds.train.data import BUNDLED_PREFIX, DATA_SUFFIXES, ON_BAD_ROWS, bundled_path
+from monte_ds.train.methods import (
+    METHODS,
+    MONTECLORA_ONLY,
+    OPTION_FIELDS,
+    MethodOptions,
+    check_method_options,
+    check_method_setup,
+    method_options,
+    resolved_options,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -34,12 +44,6 @@ DTYPES = ["auto", "float32", "bfloat16", "float16"]
 ATTENTION = ["eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"]
 QUANTIZATION_MODES = ["none", "nf4", "fp4", "int8"]
 DATA_FORMATS = ["auto", "alpaca", "messages", "text", "prompt_completion", "template"]
-METHODS = ["monteclora", "lora"]
-# MonteCLoRA fields that mean nothing to a plain LoRA baseline (ignored there, with a warning).
-MONTECLORA_ONLY = {
-    "n_components", "sample_scaler", "kl_weight", "dirichlet_prior", "dirichlet_init", "wishart_df",
-    "sparse_mixture", "posthoc", "sampler", "prefetch_layers",
-}
 # peft's LoraConfig fields: those the adapter section lacks are named as not offered (docs/training.md says why).
 LORA_FIELDS = {f.name for f in dataclasses.fields(LoraConfig)}
 # SFTConfig fields this recipe owns: set elsewhere in the config or by the launcher.
@@ -73,7 +77,8 @@ def _section(properties: dict[str, Any], required: Sequence[str] = ()) -> dict[s
 def config_schema() -> dict[str, Any]:
     """The whole file's schema (the `training` and `adapter` parts come from the dataclasses)."""
     adapter = schema.dataclass_schema(MonteCLoRAConfig)
-    adapter["properties"]["method"] = {"enum": METHODS}
+    adapter["properties"].update(schema.dataclass_schema(MethodOptions)["properties"])
+    adapter["properties"]["method"] = {"enum": list(METHODS)}
     training = schema.dataclass_schema(SFTConfig)
     for key in TRAINING_OWNED:
         training["properties"].pop(key, None)
@@ -177,6 +182,7 @@ class TrainConfig:
     deepspeed: dict[str, Any] | None
     fsdp: dict[str, Any] | None
     eval: dict[str, Any]
+    method_options: MethodOptions = MethodOptions()
 
     @property
     def output_dir(self) -> Path:
@@ -193,7 +199,7 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config: what `output_dir/config.json` holds; loading it reproduces the run."""
-        adapter = {"method": self.method, **self.adapter.to_dict()}
+        adapter = {"method": self.method, **resolved_options(self.method, self.adapter, self.method_options)}
         distributed = {"deepspeed": self.deepspeed} if self.deepspeed else {"fsdp": self.fsdp} if self.fsdp else {}
         return {
             "model": dataclasses.asdict(self.model),
@@ -266,7 +272,7 @@ def validate_config(raw: dict[str, Any]) -> TrainConfig:
     quantization = QuantizationSection(**raw.get("quantization", {}))
     data = DataSection(**raw["data"])
     training = dict(raw["training"])
-    method, adapter = _adapter(dict(raw.get("adapter", {})), training)
+    method, adapter, options = _adapter(dict(raw.get("adapter", {})), training)
     if adapter.task_type not in (None, "CAUSAL_LM"):
         raise UserError(f"adapter.task_type: monte-ds train fine-tunes causal LMs (CAUSAL_LM or null), got {adapter.task_type!r}")
     adapter = dataclasses.replace(adapter, task_type="CAUSAL_LM")
@@ -292,24 +298,30 @@ def validate_config(raw: dict[str, Any]) -> TrainConfig:
         )
     if fsdp is not None and quantization.enabled and quantization.quant_storage == "uint8":
         raise UserError("quantization.quant_storage: FSDP2 shards only floating-point storage; use bfloat16")
-    return TrainConfig(model, quantization, method, adapter, data, training, deepspeed, fsdp, evaluation)
+    config = TrainConfig(model, quantization, method, adapter, data, training, deepspeed, fsdp, evaluation, options)
+    check_method_setup(method, quantization.enabled, config.shards_parameters)
+    return config
 
 
-def _adapter(section: dict[str, Any], training: dict[str, Any]) -> tuple[str, MonteCLoRAConfig]:
+def _adapter(section: dict[str, Any], training: dict[str, Any]) -> tuple[str, MonteCLoRAConfig, MethodOptions]:
+    """The method, its LoRA/MonteCLoRA fields and its own options (see monte_ds.train.methods)."""
     method = section.pop("method", "monteclora")
-    if method == "lora":
-        ignored = sorted(MONTECLORA_ONLY & set(section))
-        if ignored:
-            logger.warning("adapter: method 'lora' ignores the MonteCLoRA settings %s", ", ".join(ignored))
+    check_method_options(method, section)
+    shared = {
+        key: value
+        for key, value in section.items()
+        if key not in OPTION_FIELDS and (method == "monteclora" or key not in MONTECLORA_ONLY)
+    }
     # One seed drives the whole run unless the noise gets its own.
-    section.setdefault("seed", training.get("seed", _default_training_seed()))
+    shared.setdefault("seed", training.get("seed", _default_training_seed()))
     try:
-        return method, MonteCLoRAConfig.from_dict(section)
+        adapter = MonteCLoRAConfig.from_dict(shared)
     except ValueError as err:
         field, _, problem = str(err).partition(" ")
-        if field in section:
+        if field in shared:
             raise UserError(f"adapter.{field}: {problem}") from None
         raise UserError(f"adapter: {err}") from None
+    return method, adapter, method_options(method, section, adapter)
 
 
 def _default_training_seed() -> int:

@@ -1,5 +1,6 @@
 """The model side of a run: tokenizer, base model (full precision or bitsandbytes 4/8-bit), the
-tiny LLaMA of the embedded config, and the adapter (MonteCLoRA, or plain LoRA as a baseline)."""
+tiny LLaMA of the embedded config, and the method's adapter (MonteCLoRA, a peft baseline, or none
+for full fine-tuning)."""
 
 from __future__ import annotations
 
@@ -22,10 +23,10 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from monte_ds.atomic import atomic_directory
 from monte_ds.errors import UserError
 from monte_ds.monteclora import get_monteclora_model
-from monte_ds.monteclora.model import lora_config
 from monte_ds.monteclora.targets import module_names, target_problems
 from monte_ds.tiny import build_tiny_llama, tiny_llama_config
 from monte_ds.train.config import QuantizationSection, TrainConfig
+from monte_ds.train.methods import peft_config
 
 logger = logging.getLogger(__name__)
 
@@ -110,8 +111,9 @@ def attach_adapter(
     seed: int,
     activation_checkpointing: bool,
     activation_checkpointing_kwargs: dict | None,
-) -> PeftModel:
-    """QLoRA preparation when quantized, then the adapter, initialised from `seed`."""
+) -> PeftModel | PreTrainedModel:
+    """QLoRA preparation when quantized, then the method's adapter, initialised from `seed`
+    (`full` trains the model itself: nothing is attached)."""
     if config.quantization.enabled and not config.shards_parameters:
         # Upcasts the non-quantized weights (norms, embeddings) to fp32 and freezes the base;
         # ZeRO-3/FSDP2 runs skip it: sharding needs one storage dtype across the base.
@@ -121,9 +123,11 @@ def attach_adapter(
             gradient_checkpointing_kwargs=activation_checkpointing_kwargs,
         )
     set_seed(seed)
-    if config.method == "lora":
-        return get_peft_model(model, lora_config(config.adapter))
-    return get_monteclora_model(model, config.adapter)
+    if config.method == "full":
+        return model
+    if config.method == "monteclora":
+        return get_monteclora_model(model, config.adapter)
+    return get_peft_model(model, peft_config(config.method, config.adapter, config.method_options, config.model.path))
 
 
 def keep_trainable_fp32(model: torch.nn.Module) -> list[str]:

@@ -8,8 +8,10 @@ directory is reported (exit 2) before the first byte is written. Output director
 
     config.json          the resolved config          metrics.json   status, steps, loss, log history
     checkpoint-N/        resumable checkpoints        runs/          TensorBoard logs
-    adapter/             the MonteCLoRA adapter (monte_ds.load_adapter)
-    lora_adapter/        a plain peft LoRA adapter (the means; the adapter itself for method "lora")
+    adapter/             method monteclora: the MonteCLoRA adapter (monte_ds.load_adapter)
+    lora_adapter/        a plain peft LoRA adapter: MonteCLoRA's means, or the adapter of lora, dora, loraplus
+    peft_adapter/        the peft adapter of adalora, ia3, loha, lokr, prompt_tuning
+    model/               method full: the fine-tuned model and its tokenizer
     report/              the evaluation report, when eval.suites is set
 
 Exit codes: 0 trained, 2 user error, 3 the loss diverged (metrics.json says "diverged").
@@ -28,6 +30,7 @@ import os
 import shutil
 import sys
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,12 +43,13 @@ from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 from trl import SFTConfig
 
 import monte_ds
-from monte_ds.atomic import atomic_write_json
+from monte_ds.atomic import atomic_directory, atomic_write_json
 from monte_ds.errors import UserError
 from monte_ds.train import checkpoints
 from monte_ds.train.config import TrainConfig, load_config, training_arguments
 from monte_ds.tiny import build_tokenizer
 from monte_ds.train.data import check_trainable_tokens, dataset_texts, training_dataset
+from monte_ds.train.methods import LORA_ADAPTERS
 from monte_ds.train.model import (
     attach_adapter,
     check_adapter_targets,
@@ -59,6 +63,7 @@ from monte_ds.train.trainer import REGULARISER_TERMS, MonteCLoRATrainer
 
 if TYPE_CHECKING:  # lm-eval is imported only by runs that evaluate
     from monte_ds.evaluation import EvalPlan
+    from monte_ds.evaluation.loading import LoadedModel
 
 logger = logging.getLogger("monte_ds.train")
 
@@ -67,6 +72,8 @@ CONFIG_NAME = "config.json"
 METRICS_NAME = "metrics.json"
 ADAPTER_DIR = "adapter"
 LORA_ADAPTER_DIR = "lora_adapter"
+PEFT_ADAPTER_DIR = "peft_adapter"
+MODEL_DIR = "model"
 REPORT_DIR = "report"
 
 
@@ -168,7 +175,15 @@ def execute(plan: Plan) -> int:
     tokenizer = load_tokenizer(config)
     model = load_base_model(config, args.device, sharded=config.shards_parameters)
     model = attach_adapter(model, config, args.seed, args.activation_checkpointing, args.activation_checkpointing_kwargs)
-    trainer = MonteCLoRATrainer(model=model, args=args, train_dataset=plan.dataset, processing_class=tokenizer)
+    loraplus = config.method == "loraplus"
+    trainer = MonteCLoRATrainer(
+        model=model,
+        args=args,
+        train_dataset=plan.dataset,
+        processing_class=tokenizer,
+        loraplus_lr_ratio=config.method_options.loraplus_lr_ratio if loraplus else None,
+        loraplus_lr_embedding=config.method_options.loraplus_lr_embedding,
+    )
     result = trainer.train(resume_from_checkpoint=str(plan.resume_from) if plan.resume_from else None)
 
     status = "diverged" if trainer.diverged else "completed"
@@ -215,7 +230,10 @@ def _prepare_output_dir(config: TrainConfig, fresh: bool) -> None:
     if not fresh:
         return
     stale = checkpoints.checkpoint_dirs(output_dir)
-    stale += [output_dir / name for name in (ADAPTER_DIR, LORA_ADAPTER_DIR, REPORT_DIR, METRICS_NAME)]
+    stale += [
+        output_dir / name
+        for name in (ADAPTER_DIR, LORA_ADAPTER_DIR, PEFT_ADAPTER_DIR, MODEL_DIR, REPORT_DIR, METRICS_NAME)
+    ]
     stale = [path for path in stale if path.exists()]
     if stale:
         logger.warning("starting afresh in %s: removing the earlier run's %s", output_dir, ", ".join(p.name for p in stale))
@@ -226,12 +244,49 @@ def _prepare_output_dir(config: TrainConfig, fresh: bool) -> None:
             path.unlink()
 
 
+def inference_dir(config: TrainConfig) -> Path:
+    """Where a finished run keeps what its method needs for inference."""
+    if config.method == "monteclora":
+        return config.output_dir / ADAPTER_DIR
+    if config.method == "full":
+        return config.output_dir / MODEL_DIR
+    return config.output_dir / (LORA_ADAPTER_DIR if config.method in LORA_ADAPTERS else PEFT_ADAPTER_DIR)
+
+
 def _save_adapters(trainer: MonteCLoRATrainer, config: TrainConfig) -> None:
-    """Collective under ZeRO-3/FSDP2 (the parameters are gathered): every rank calls it."""
-    if trainer.is_monteclora:
+    """Collective under ZeRO-3/FSDP2 (the parameters are gathered): every rank calls it. peft
+    adapters and the full model are saved by the Trainer, which gathers them on every backend."""
+    if config.method == "monteclora":
         monte_ds.save_adapter(trainer.model, config.output_dir / ADAPTER_DIR)
-    monte_ds.export_lora_adapter(trainer.model, config.output_dir / LORA_ADAPTER_DIR)
+        monte_ds.export_lora_adapter(trainer.model, config.output_dir / LORA_ADAPTER_DIR)
+    else:
+        directory = inference_dir(config)
+        with atomic_directory(directory) if trainer.args.should_save else nullcontext(directory) as target:
+            trainer.save_model(str(target))
     trainer.accelerator.wait_for_everyone()
+
+
+def load_trained(config: TrainConfig, device: torch.device) -> LoadedModel:
+    """A finished run's model (eval mode), tokenizer and load metadata, from its output dir alone,
+    the same way for every method: the base model with the saved adapter, or the saved model for `full`."""
+    from monte_ds.evaluation.loading import load_model
+
+    unset_hf_deepspeed_config()  # the reload must not be partitioned by zero.Init
+    full = config.method == "full"
+    return load_model(
+        inference_dir(config) if full else config.model.path,
+        None if full else inference_dir(config),
+        dtype=config.model.dtype,
+        device=device,
+        quantization=quantization_config(config.quantization, shards_parameters=False),
+        revision=None if full else config.model.revision,
+        trust_remote_code=config.model.trust_remote_code,
+        attn_implementation=config.model.attn_implementation,
+    )
+
+
+def load_trained_model(config: TrainConfig, device: torch.device) -> torch.nn.Module:
+    return load_trained(config, device).model
 
 
 def _evaluate(config: TrainConfig, args: SFTConfig, evaluation: EvalPlan) -> None:
@@ -241,7 +296,6 @@ def _evaluate(config: TrainConfig, args: SFTConfig, evaluation: EvalPlan) -> Non
     Never fails the run: a suite that cannot run or fails is recorded in the report by
     `run_plan`, and an evaluation that cannot start leaves a report saying why."""
     from monte_ds.evaluation import run_plan, write_failed_report
-    from monte_ds.evaluation.loading import load_model
 
     report_dir = config.output_dir / REPORT_DIR
     metadata = {
@@ -250,19 +304,8 @@ def _evaluate(config: TrainConfig, args: SFTConfig, evaluation: EvalPlan) -> Non
         "seed": args.seed,
         "versions": _versions(),
     }
-    adapter = config.output_dir / (ADAPTER_DIR if config.method == "monteclora" else LORA_ADAPTER_DIR)
-    unset_hf_deepspeed_config()  # the reload must not be partitioned by zero.Init
     try:
-        loaded = load_model(
-            config.model.path,
-            adapter,
-            dtype=config.model.dtype,
-            device=args.device,
-            quantization=quantization_config(config.quantization, shards_parameters=False),
-            revision=config.model.revision,
-            trust_remote_code=config.model.trust_remote_code,
-            attn_implementation=config.model.attn_implementation,
-        )
+        loaded = load_trained(config, args.device)
         report = run_plan(evaluation, loaded.model, loaded.tokenizer, report_dir, {**loaded.metadata, **metadata}, strict=False)
     except Exception as err:  # the adapters are saved and the run completed: keep both
         logger.exception("evaluation after training failed")

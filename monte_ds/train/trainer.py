@@ -7,20 +7,31 @@
 - checkpoints marked complete only once every rank has written (see `checkpoints`);
 - a non-finite loss on any rank stops the run on every rank, and nothing more is saved.
 
-A plain LoRA model runs through the same class (no regulariser, no sampler state), so the
-baseline and MonteCLoRA share one pipeline.
+Every other method runs through the same class, so the baselines and MonteCLoRA share one
+pipeline; what some of them need from a trainer is here too:
+
+- LoRA+ (`loraplus_lr_ratio`): peft's LoRA+ optimizer, B learning `loraplus_lr_ratio` times faster;
+- AdaLoRA: its orthogonality regulariser, the per-step rank budget update with `total_step` set
+  to the run's step count, and the rank allocator's state in every checkpoint for exact resume.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+from peft import PeftModel
+from peft.optimizers import create_loraplus_optimizer
+from peft.tuners.adalora import AdaLoraModel
+from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl import SFTTrainer
 
+from monte_ds.errors import UserError
 from monte_ds.monteclora import load_sampler_state, monteclora_layers, monteclora_losses, sampler_state
 from monte_ds.train import checkpoints
 from monte_ds.train.model import keep_trainable_fp32
@@ -29,14 +40,24 @@ logger = logging.getLogger(__name__)
 
 REGULARISER_TERMS = ("kl_gaussian", "kl_wishart", "kl_dirichlet", "cooperative")
 REGULARISER_TOTAL = "regulariser"
+ORTHOGONALITY = "orthogonality"
+ADALORA_STATE_NAME = "adalora_allocator.pt"
 
 
 class MonteCLoRATrainer(SFTTrainer):
     """`SFTTrainer` with MonteCLoRA's regulariser, logging, resumable noise and safe checkpoints."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, loraplus_lr_ratio: float | None = None, loraplus_lr_embedding: float = 1e-6, **kwargs: Any
+    ) -> None:
+        self.loraplus_lr_ratio = loraplus_lr_ratio
+        self.loraplus_lr_embedding = loraplus_lr_embedding
         super().__init__(*args, **kwargs)
         self.is_monteclora = next(monteclora_layers(self.model), None) is not None
+        self.adalora = _adalora_tuner(self.model)
+        self.adalora_budget = AdaLoraBudget(self.adalora) if self.adalora is not None else None
+        if self.adalora_budget is not None:
+            self.add_callback(self.adalora_budget)
         self.diverged = False
         if self.is_monteclora:
             cast = keep_trainable_fp32(self.model)
@@ -46,6 +67,13 @@ class MonteCLoRATrainer(SFTTrainer):
     # -- loss ------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        if self.adalora is not None and self.model.training:
+            loss, outputs = result if return_outputs else (result, None)
+            penalty = _orthogonality(self.adalora)
+            self._metrics["train"][ORTHOGONALITY].append(self.accelerator.reduce(penalty.detach(), reduction="mean").item())
+            weight = self.adalora.peft_config[self.adalora.trainable_adapter_name].orth_reg_weight
+            loss = loss + weight * penalty.to(loss.device) / self.regulariser_divisor(num_items_in_batch)
+            return (loss, outputs) if return_outputs else loss
         if not (self.is_monteclora and self.model.training):
             return result  # evaluation: the eval-mode model is plain LoRA, the loss is the task loss
         loss, outputs = result if return_outputs else (result, None)
@@ -77,6 +105,24 @@ class MonteCLoRATrainer(SFTTrainer):
         for name, value in zip((*REGULARISER_TERMS, REGULARISER_TOTAL), values.tolist(), strict=True):
             self._metrics["train"][name].append(value)
 
+    # -- LoRA+ -----------------------------------------------------------------------------------
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        if self.loraplus_lr_ratio is None or self.optimizer is not None:
+            return super().create_optimizer(model)
+        opt_model = self.model if model is None else model
+        optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        kwargs.pop("lr", None)
+        self.optimizer = create_loraplus_optimizer(
+            opt_model,
+            optimizer_cls,
+            lr=self.args.learning_rate,
+            loraplus_lr_ratio=self.loraplus_lr_ratio,
+            loraplus_lr_embedding=self.loraplus_lr_embedding,
+            loraplus_weight_decay=self.args.weight_decay,
+            **kwargs,
+        )
+        return self.optimizer
+
     # -- divergence ----------------------------------------------------------------------------
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -95,7 +141,8 @@ class MonteCLoRATrainer(SFTTrainer):
         # Rotation deletes older checkpoints: it must wait until the new one is complete.
         limit, self.args.save_total_limit = self.args.save_total_limit, None
         try:
-            super()._save_checkpoint(model, trial)
+            with _unpruned(self.adalora):
+                super()._save_checkpoint(model, trial)
         finally:
             self.args.save_total_limit = limit
         run_dir = Path(self._get_output_dir(trial=trial))
@@ -104,6 +151,9 @@ class MonteCLoRATrainer(SFTTrainer):
             # The counter counts training forwards, the same on every rank (noise differs by rank
             # through its seed), so one copy restores all ranks.
             checkpoints.write_sampler_state(checkpoint, sampler_state(self.model))
+        if self.adalora is not None and self.args.should_save:
+            # Identical on every rank: the allocator reads the all-reduced gradients.
+            torch.save(_allocator_state(self.adalora), checkpoint / ADALORA_STATE_NAME)
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             checkpoints.mark_complete(checkpoint, self.state.global_step)
@@ -112,6 +162,8 @@ class MonteCLoRATrainer(SFTTrainer):
     def train(self, resume_from_checkpoint: str | None = None, **kwargs: Any):
         if resume_from_checkpoint is not None and self.is_monteclora:
             load_sampler_state(self.model, checkpoints.read_sampler_state(Path(resume_from_checkpoint)))
+        if resume_from_checkpoint is not None and self.adalora_budget is not None:
+            self.adalora_budget.resume_from = Path(resume_from_checkpoint) / ADALORA_STATE_NAME
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
 
@@ -132,3 +184,82 @@ def _gather_zero3_sampler_parameters(model: torch.nn.Module) -> None:
     ]
     if released:
         released[0].all_gather(param_list=released)
+
+
+# -- AdaLoRA ------------------------------------------------------------------------------------
+def _adalora_tuner(model: torch.nn.Module) -> AdaLoraModel | None:
+    tuner = model.base_model if isinstance(model, PeftModel) else None
+    return tuner if isinstance(tuner, AdaLoraModel) else None
+
+
+class AdaLoraBudget(TrainerCallback):
+    """AdaLoRA's rank budget: its schedule spans the run's steps, and it is updated after every
+    optimizer step, while the gradients it scores the ranks by are still there."""
+
+    def __init__(self, tuner: AdaLoraModel) -> None:
+        self.tuner = tuner
+        self.resume_from: Path | None = None  # a checkpoint's allocator state
+
+    def on_train_begin(self, args, state, control, **kwargs) -> None:
+        if self.resume_from is not None:
+            # Only now: with a rank pattern set, loading the checkpoint's full matrices would cut the model.
+            _load_allocator_state(self.tuner, torch.load(self.resume_from, map_location=args.device))
+        config = self.tuner.peft_config[self.tuner.trainable_adapter_name]
+        if config.tinit >= state.max_steps - config.tfinal:
+            raise UserError(
+                f"adapter.tinit: AdaLoRA needs steps to prune ranks in: tinit ({config.tinit}) + tfinal "
+                f"({config.tfinal}) must be below the run's {state.max_steps} steps"
+            )
+        self.tuner.rankallocator.set_total_step(state.max_steps)
+
+    def on_optimizer_step(self, args, state, control, **kwargs) -> None:
+        self.tuner.update_and_allocate(state.global_step)
+
+
+def _orthogonality(tuner: AdaLoraModel) -> torch.Tensor:
+    """AdaLoRA's regulariser: the mean of ||PᵀP - I||_F over its A (rows) and B (columns).
+
+    peft adds it to `outputs.loss` in AdaLoraModel.forward, but TRL computes the training loss
+    from the fused LM head's log-probabilities, so without this it never reaches the gradient.
+    """
+    adapter = tuner.trainable_adapter_name
+    penalties = []
+    for name, param in tuner.model.named_parameters():
+        if adapter in name and ("lora_A" in name or "lora_B" in name):
+            gram = param @ param.T if "lora_A" in name else param.T @ param
+            identity = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+            penalties.append(torch.linalg.matrix_norm(gram - identity))
+    return torch.stack(penalties).mean()
+
+
+@contextmanager
+def _unpruned(tuner: AdaLoraModel | None) -> Iterator[None]:
+    """peft saves an AdaLoRA adapter cut to its rank pattern: right for inference, but a resumed
+    run goes on training the full matrices, so checkpoints hold them (the pattern is in
+    ADALORA_STATE_NAME)."""
+    if tuner is None:
+        yield
+        return
+    config = tuner.peft_config[tuner.trainable_adapter_name]
+    pattern, config.rank_pattern = config.rank_pattern, None
+    try:
+        yield
+    finally:
+        config.rank_pattern = pattern
+
+
+def _allocator_state(tuner: AdaLoraModel) -> dict[str, Any]:
+    """The sensitivity averages the next budget update reads, and the rank pattern so far."""
+    allocator = tuner.rankallocator
+    return {
+        "ipt": allocator.ipt,
+        "exp_avg_ipt": allocator.exp_avg_ipt,
+        "exp_avg_unc": allocator.exp_avg_unc,
+        "rank_pattern": tuner.peft_config[tuner.trainable_adapter_name].rank_pattern,
+    }
+
+
+def _load_allocator_state(tuner: AdaLoraModel, state: dict[str, Any]) -> None:
+    allocator = tuner.rankallocator
+    allocator.ipt, allocator.exp_avg_ipt, allocator.exp_avg_unc = state["ipt"], state["exp_avg_ipt"], state["exp_avg_unc"]
+    tuner.peft_config[tuner.trainable_adapter_name].rank_pattern = state["rank_pattern"]
