@@ -158,7 +158,7 @@ def fake_train(tmp_path) -> tuple[str, Path]:
     template.write_text(json.dumps(build_report(
         {"results": {"gsm8k": {"alias": "gsm8k", "exact_match,strict-match": 0.0, "exact_match_stderr,strict-match": 0.0}},
          "higher_is_better": {"gsm8k": {"exact_match": True}}},
-        calibration={}, predictive=None, options={}, metadata={}, figure_files=[],
+        calibration={}, predictive=None, options={}, metadata={}, figure_files=[], suites={}, generation={},
     )))
     calls.touch()
     return shlex.join([sys.executable, str(script), str(calls), str(template)]), calls
@@ -218,9 +218,9 @@ def test_sweep_records_failures_writes_the_report_and_restarts_only_unfinished_r
     assert lora["worst"] is None and lora["spread"] is None and lora["median"] is None  # -inf / inf in JSON
     assert section["methods"]["monteclora"]["best"] == pytest.approx(0.62)
     (comparison,) = section["comparisons"]
-    assert (comparison["a"], comparison["b"], comparison["n_pairs"]) == ("lora", "monteclora", 8)
-    assert (comparison["a_better"], comparison["b_better"], comparison["ties"]) == (0, 4, 4)
-    assert comparison["p_value"] == pytest.approx(2 / 16)  # all four untied pairs favour B: exact 2 * (1/2)^4
+    assert (comparison["a"], comparison["b"], comparison["n_pairs"]) == ("monteclora", "lora", 8)
+    assert (comparison["a_better"], comparison["b_better"], comparison["ties"]) == (4, 0, 4)
+    assert comparison["p_value"] == pytest.approx(2 / 16)  # all four untied pairs favour A: exact 2 * (1/2)^4
 
     statuses = {run["run_id"]: run["status"] for run in report["runs"]}
     assert statuses["lora/learning_rate=crash__per_device_train_batch_size=1__seed=0"] == "failed"
@@ -236,6 +236,22 @@ def test_sweep_records_failures_writes_the_report_and_restarts_only_unfinished_r
     relaunched = [str(Path(line).relative_to(output / "runs")) for line in calls.read_text().splitlines()]
     assert relaunched == [f"{method}/learning_rate=crash__per_device_train_batch_size={bs}__seed=0"
                           for method in ("lora", "monteclora") for bs in (1, 2)]
+
+
+@pytest.mark.parametrize(
+    ("methods", "pairs"),
+    [
+        ("lora,dora,adalora,monteclora", [("monteclora", "lora"), ("monteclora", "dora"), ("monteclora", "adalora")]),
+        ("full,ia3,lora", [("full", "ia3"), ("full", "lora"), ("ia3", "lora")]),  # no MonteCLoRA: every pair
+    ],
+)
+def test_wilcoxon_compares_monteclora_with_each_other_method(tmp_path, base_config, fake_train, methods, pairs):
+    launcher, _ = fake_train
+    output = tmp_path / "sweep"
+    assert monte_ds([*sweep_args(base_config, output, launcher, lrs="0.1,0.2"), "--methods", methods]) == 0
+    (section,) = json.loads((output / "sweep.json").read_text())["metrics"]
+    assert [(c["a"], c["b"]) for c in section["comparisons"]] == pairs
+    assert all(c["n_pairs"] == 4 for c in section["comparisons"])
 
 
 def test_report_only_leaves_unfinished_runs_pending(tmp_path, base_config, fake_train):
@@ -271,6 +287,7 @@ def test_a_restart_with_another_base_config_is_refused(tmp_path, base_config, fa
         (["--set", "training.learning_rate=1"], "training.learning_rate is given more than once"),
         (["--seeds", "0,x"], "--seeds"),
         (["--methods", "lora,,monteclora"], "--methods"),
+        (["--methods", "lora,qlora"], "--methods: unknown method 'qlora' (choose from monteclora, full, lora"),
         (["--plan-only", "--report-only"], "not allowed with"),
     ],
 )
@@ -299,7 +316,7 @@ def test_report_scores_reads_lm_eval_metrics_and_calibration():
             "higher_is_better": {"arc_easy": {"acc": True, "acc_norm": True}, "gsm8k": {"exact_match": True}},
         },
         calibration={"arc_easy": {"nll": 0.9, "nll_stderr": 0.02, "ece": 0.05}},
-        predictive=None, options={}, metadata={}, figure_files=[],
+        predictive=None, options={}, metadata={}, figure_files=[], suites={}, generation={},
     )
     scores = report_scores(report)
     assert scores == {

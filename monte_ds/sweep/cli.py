@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from monte_ds.errors import UserError
-from monte_ds.sweep.grid import check_keys, parse_assignment, parse_grid_axis, parse_list, parse_seeds
+from monte_ds.sweep.grid import check_keys, parse_assignment, parse_grid_axis, parse_methods, parse_seeds
 from monte_ds.sweep.report import SWEEP_MD
 from monte_ds.sweep.runner import DEFAULT_LAUNCHER, Sweep, execute, pending_commands
 
@@ -38,7 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", required=True, type=Path, help="the base training config (JSON)")
     parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
                         help="a swept config key and its values (repeatable; values parsed like --set)")
-    parser.add_argument("--methods", default="lora,monteclora", help="adapter.method values (default: lora,monteclora)")
+    parser.add_argument("--methods", default="lora,monteclora",
+                        help="adapter.method values, any of monte-ds train's (default: lora,monteclora); "
+                        "the Wilcoxon tests compare monteclora with each other method")
     parser.add_argument("--seeds", default="0", help="training.seed values (default: 0)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="fixed",
                         help="an override applied to every run (repeatable)")
@@ -72,7 +74,7 @@ def parse_sweep(args: argparse.Namespace) -> Sweep:
         output=args.output.resolve(),
         axes=axes,
         fixed=fixed,
-        methods=tuple(parse_list(args.methods, "--methods")),
+        methods=tuple(parse_methods(args.methods)),
         seeds=tuple(parse_seeds(args.seeds)),
         launcher=launcher,
     )

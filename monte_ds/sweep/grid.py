@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from monte_ds.errors import UserError
+from monte_ds.train.methods import METHODS
 
 METHOD_KEY = "adapter.method"
 SEED_KEY = "training.seed"
@@ -71,6 +72,14 @@ def parse_list(text: str, flag: str) -> list[str]:
     if len(set(items)) != len(items):
         raise UserError(f"{flag}: repeated entry in {text!r}")
     return items
+
+
+def parse_methods(text: str) -> list[str]:
+    methods = parse_list(text, "--methods")
+    unknown = [method for method in methods if method not in METHODS]
+    if unknown:
+        raise UserError(f"--methods: unknown method {unknown[0]!r} (choose from {', '.join(METHODS)})")
+    return methods
 
 
 def parse_seeds(text: str) -> list[int]:

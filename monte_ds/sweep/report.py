@@ -22,6 +22,15 @@ SWEEP_JSON = "sweep.json"
 SWEEP_MD = "sweep.md"
 PLOTS_DIR = "plots"
 STATUSES = ("completed", "diverged", "failed", "pending")
+REFERENCE_METHOD = "monteclora"
+
+
+def compared_pairs(methods: Sequence[str]) -> list[tuple[str, str]]:
+    """The (A, B) pairs of the Wilcoxon tests: MonteCLoRA against each other method when it is
+    swept (the question a robustness sweep asks), else every pair of methods."""
+    if REFERENCE_METHOD in methods:
+        return [(REFERENCE_METHOD, method) for method in methods if method != REFERENCE_METHOD]
+    return list(itertools.combinations(methods, 2))
 
 
 def metric_scores(
@@ -38,7 +47,7 @@ def metric_scores(
 def summarize_sweep(
     runs: Sequence[Run], outcomes: Mapping[str, Outcome], methods: Sequence[str]
 ) -> list[dict[str, Any]]:
-    """Per metric: each method's summary and the paired test of every pair of methods."""
+    """Per metric: each method's summary and the paired tests of `compared_pairs`."""
     metrics = sorted(
         {metric for outcome in outcomes.values() for metric in outcome.scores},
         key=lambda m: (m.task, m.name),
@@ -52,7 +61,7 @@ def summarize_sweep(
             if scores
         }
         comparisons = []
-        for a, b in itertools.combinations(methods, 2):
+        for a, b in compared_pairs(methods):
             matched = [key for key in by_method[a] if key in by_method[b]]
             if matched:
                 test = paired_test([by_method[a][k] for k in matched], [by_method[b][k] for k in matched], metric.higher_is_better)
