@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
