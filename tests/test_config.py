@@ -21,7 +21,7 @@ def test_defaults_follow_the_paper():
         ("dirichlet_prior", 0.0, "dirichlet_prior must be > 0"),
         ("dirichlet_init", "random", "dirichlet_init must be 'ones' or 'uniform'"),
         ("wishart_df", 3, "wishart_df must be null or >= the largest rank (8)"),
-        ("sampler", "fast", "sampler must be 'async' or 'sync'"),
+        ("sampler", "fast", "sampler must be 'auto', 'async' or 'sync'"),
         ("seed", -1, "seed must be an integer >= 0"),
         ("target_modules", [1, 2], "target_modules must be"),
     ],

@@ -22,6 +22,7 @@ from monte_ds import (
     sampler_state,
     save_adapter,
 )
+from monte_ds.monteclora.engine import adapter_key
 from monte_ds.monteclora.layer import MonteCLoRALinearA
 from monte_ds.monteclora.math import STREAM_DIRICHLET, STREAM_TRAIN, dirichlet_sample, draw_bartlett, seeded_generator, stream_seed
 from tests.conftest import QUANTIZATIONS, VOCAB, tiny_config
@@ -271,8 +272,8 @@ def test_meta_device_initialisation(load_base, tmp_path, input_ids):
 @pytest.mark.parametrize("sparse", [False, True])
 def test_sparse_mixture_uses_a_one_hot_mixture(load_base, sparse):
     """dA = eps * ||pi|| * diag(sqrt v) * noise, with the noise and pi rebuilt from the seeding
-    scheme: group 0 (q_proj's shape) drawn from (seed, rank, STREAM_TRAIN, forward, group 0), pi
-    of all layers from (seed, rank, STREAM_DIRICHLET, forward, device partition 0)."""
+    scheme: group 0 (q_proj's shape) drawn from (seed, adapter, rank, STREAM_TRAIN, forward,
+    group 0), pi of all layers from (seed, adapter, rank, STREAM_DIRICHLET, forward, partition 0)."""
     model = build(load_base, sparse_mixture=sparse)
     layers = list(monteclora_layers(model))
     layer = layers[0]
@@ -282,9 +283,9 @@ def test_sparse_mixture_uses_a_one_hot_mixture(load_base, sparse):
     index = layer.engine.current_index
     with torch.no_grad():
         delta = layer.sampled_weight() - layer.weight
-        noise = draw_bartlett(len(same_shape), 4, layer.in_features, 4.0, seeded_generator(CPU, stream_seed(0, 0, STREAM_TRAIN, index, 0)), CPU).noise[0]
+        noise = draw_bartlett(len(same_shape), 4, layer.in_features, 4.0, seeded_generator(CPU, stream_seed(0, adapter_key("default"), 0, STREAM_TRAIN, index, 0)), CPU).noise[0]
         alpha = torch.cat([other.concentration_log for other in layers]).exp()
-        pi = dirichlet_sample(alpha, seeded_generator(CPU, stream_seed(0, 0, STREAM_DIRICHLET, index, 0)))[0]
+        pi = dirichlet_sample(alpha, seeded_generator(CPU, stream_seed(0, adapter_key("default"), 0, STREAM_DIRICHLET, index, 0)))[0]
     norm = 1.0 if sparse else pi.norm()
     expected = 0.5 * norm * layer.wishart_scale.sqrt().unsqueeze(1) * noise
     assert torch.allclose(delta, expected, atol=1e-6)

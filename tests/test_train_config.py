@@ -58,7 +58,7 @@ def write_config(tmp_path: Path, raw: dict) -> Path:
         ("training.label_smoothing_factor=0.1", "training.label_smoothing_factor: not supported with MonteCLoRA"),
         ("adapter.r=0", "adapter.r: must be >= 1, got 0"),
         ("adapter.wishart_df=2", "adapter.wishart_df: must be null or >= the largest rank (8), got 2"),
-        ("adapter.sampler=fast", 'adapter.sampler: must be one of "async", "sync", got "fast"'),
+        ("adapter.sampler=fast", 'adapter.sampler: must be one of "auto", "async", "sync", got "fast"'),
         ("adapter.method=qlora", 'adapter.method: must be one of "monteclora", "full", "lora"'),
         ("model.dtype=fp8", "model.dtype: must be one of"),
         ("model.build_tiny=false", "model.path: no such file or directory: "),

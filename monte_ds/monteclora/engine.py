@@ -16,6 +16,7 @@ of that block's layers only, so the node is traversed once per block and must st
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -34,7 +35,6 @@ from monte_ds.monteclora.math import (
     STREAM_TRAIN,
     BartlettDraw,
     cooperative_loss,
-    dirichlet_attach,
     dirichlet_sample,
     kl_dirichlet,
     kl_gaussian,
@@ -50,6 +50,11 @@ if TYPE_CHECKING:
 REGULARISER_TERMS = ("kl_gaussian", "kl_wishart", "kl_dirichlet", "cooperative")
 # The mixture weights of a forward come from their own stream, paired with the noise stream.
 _MIXTURE_STREAM = {STREAM_TRAIN: STREAM_DIRICHLET, STREAM_PREDICTIVE: STREAM_PREDICTIVE_DIRICHLET}
+
+
+def adapter_key(adapter_name: str) -> int:
+    """The adapter's part of every stream key: two adapters with one seed draw different noise."""
+    return zlib.crc32(adapter_name.encode())
 
 
 def full_fp32(param: torch.Tensor) -> torch.Tensor:
@@ -76,17 +81,47 @@ def _gather_zero3(params: Sequence[torch.Tensor]) -> None:
 
 @dataclass
 class _Partition:
-    """The layers of one device, in stacked order (their noise groups one after the other)."""
+    """Layers in stacked order (their noise groups one after the other), with the row layout
+    that stacks their (r_l,) vectors into one (L, r_max) tensor."""
 
-    layers: list[MonteCLoRALinearA]
-    groups: list[int]  # indices into the sampler's groups
     ranks: list[int]
+    dof_values: list[float]
     dof: torch.Tensor  # (L,)
     pad_index: torch.Tensor | None  # rows of the padded (L * r_max) layout; None when all ranks are equal
+    index: torch.Tensor | None = None  # as a subset: its rows in the full partition
     r_max: int = field(init=False)
+    _subsets: dict[tuple[int, ...], _Partition] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.r_max = max(self.ranks)
+
+    @classmethod
+    def build(cls, ranks: list[int], dof: list[float], device: torch.device, index: list[int] | None = None) -> _Partition:
+        r_max = max(ranks)
+        pad_index = None
+        if min(ranks) != r_max:
+            pad_index = torch.tensor([slot * r_max + i for slot, rank in enumerate(ranks) for i in range(rank)], device=device)
+        return cls(
+            ranks,
+            dof,
+            torch.tensor(dof, device=device, dtype=torch.float32),
+            pad_index,
+            None if index is None else torch.tensor(index, device=device),
+        )
+
+    def subset(self, slots: tuple[int, ...]) -> _Partition:
+        """The layout of some of the layers (cached: reentrant checkpointing asks for the same
+        blocks every step, so their index tensors are built once)."""
+        cached = self._subsets.get(slots)
+        if cached is None:
+            cached = self._subsets[slots] = _Partition.build(
+                [self.ranks[i] for i in slots], [self.dof_values[i] for i in slots], self.dof.device, list(slots)
+            )
+        return cached
+
+    def select(self, stacked: torch.Tensor) -> torch.Tensor:
+        """The subset's rows of a tensor stacked over the full partition."""
+        return stacked if self.index is None else stacked.index_select(0, self.index)
 
     def stack_rows(self, tensors: Sequence[torch.Tensor], fill: float) -> torch.Tensor:
         """(r_l, 1) or (r_l,) tensors, one per layer, as one (L, r_max) tensor padded with `fill`."""
@@ -105,61 +140,105 @@ class _Partition:
 
 
 @dataclass
-class _ScaleSpec:
-    """What the row-scale node needs besides the parameters (constant within one forward)."""
+class _DevicePartition:
+    """The layers of one device: one step node per forward; `groups` index the sampler's groups."""
+
+    layers: list[MonteCLoRALinearA]
+    groups: list[int]
+    rows: _Partition
+
+
+@dataclass
+class _StepSpec:
+    """What the step node needs besides the parameters (constant within one forward)."""
 
     partition: _Partition
     sample_scaler: float
     sparse_mixture: bool
+    dirichlet_prior: float
     mixture_sample: torch.Tensor  # (L, N) Dirichlet draw, no gradient
+    draws: list[BartlettDraw]  # the partition's noise groups, in stacked order
+    with_regulariser: bool
 
 
-class _RowScales(torch.autograd.Function):
-    """Row scales eps * ||pi_l|| * sqrt(v_l) of every layer, pi_l the Dirichlet draw attached to
-    alpha_l with its implicit reparameterisation gradient. Inputs: the L log-v then the L
-    log-alpha parameters; outputs: one (r_l, 1) scale per layer."""
+class _StepNode(torch.autograd.Function):
+    """One autograd node for everything of a forward that depends on v and alpha.
+
+    Inputs: the L ln v, then the L ln alpha parameters. Outputs: one (r_l, 1) row scale
+    eps * ||pi_l|| * sqrt(v_l) per layer, then (when `with_regulariser`) KL_N, KL_W, KL_D and the
+    cooperative loss summed over layers. pi_l is the Dirichlet draw with torch's implicit
+    reparameterisation gradient; the other gradients are the closed forms' derivatives, all
+    batched over layers, so a step costs the same few ops whatever the number of layers.
+    """
 
     @staticmethod
-    def forward(ctx, spec: _ScaleSpec, *params: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+    def forward(ctx, spec: _StepSpec, *params: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
         partition = spec.partition
         count = len(partition.ranks)
-        sqrt_v = (0.5 * partition.stack_rows(params[:count], fill=0.0)).exp()
-        if spec.sparse_mixture:  # one-hot(argmax pi) has norm 1
-            norm = None
-            scale = spec.sample_scaler * sqrt_v
-        else:
-            norm = spec.mixture_sample.norm(dim=-1, keepdim=True)
-            scale = (spec.sample_scaler * norm) * sqrt_v
-            ctx.alpha = torch.cat(params[count:]).exp()
+        log_v = partition.stack_rows(params[:count], fill=0.0)  # padding: v = 1, which adds no KL
+        alpha = torch.cat(params[count:]).exp()
+        sample = spec.mixture_sample
+        sqrt_v = (0.5 * log_v).exp()
+        norm = None if spec.sparse_mixture else sample.norm(dim=-1, keepdim=True)  # one-hot(argmax pi): norm 1
+        scale = spec.sample_scaler * sqrt_v if norm is None else (spec.sample_scaler * norm) * sqrt_v
+        outputs = partition.split_rows(scale.unsqueeze(-1))
+        row_sq = None
+        if spec.with_regulariser:
+            row_sq = partition.stack_rows([draw.row_sq.view(-1) for draw in spec.draws], fill=1.0)
+            log_det = torch.cat([draw.log_det for draw in spec.draws])
+            outputs += [
+                kl_gaussian(log_v, row_sq, log_det).sum(),
+                kl_wishart(log_v, partition.dof).sum(),
+                kl_dirichlet(alpha, spec.dirichlet_prior).sum(),
+                cooperative_loss(sample).sum(),
+            ]
         # Attributes, not save_for_backward: reentrant checkpointing traverses this node once per block.
-        ctx.spec, ctx.scale, ctx.norm = spec, scale, norm
+        ctx.spec, ctx.scale, ctx.norm, ctx.v, ctx.alpha, ctx.row_sq = spec, scale, norm, sqrt_v.square(), alpha, row_sq
         ctx.set_materialize_grads(False)
-        return tuple(partition.split_rows(scale.unsqueeze(-1)))
+        return tuple(outputs)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        spec: _ScaleSpec = ctx.spec
-        partition = spec.partition
-        present = [grad is not None for grad in grads]
-        if not any(present):
-            return (None,) * (1 + 2 * len(grads))
-        zero = ctx.scale.new_zeros(partition.r_max, 1)
-        filled = [grad if grad is not None else zero[:rank] for grad, rank in zip(grads, partition.ranks, strict=True)]
-        weighted = partition.stack_rows(filled, fill=0.0) * ctx.scale  # d loss / d ln(scale), (L, r_max)
-        grad_log_v = partition.split_rows((0.5 * weighted).unsqueeze(-1))
-        grad_log_alpha: Sequence[torch.Tensor | None] = [None] * len(grads)
-        if ctx.norm is not None and ctx.needs_input_grad[1 + len(grads)]:
-            sample = spec.mixture_sample
-            grad_norm = weighted.sum(-1, keepdim=True) / ctx.norm
-            grad_sample = grad_norm * sample / ctx.norm  # d||x|| / dx = x / ||x||
-            grad_alpha = _Dirichlet_backward(sample, ctx.alpha, grad_sample) * ctx.alpha
-            grad_log_alpha = grad_alpha.unsqueeze(1).unbind(0)
-        return (
-            None,
-            *(g if keep else None for g, keep in zip(grad_log_v, present, strict=True)),
-            *(g if keep else None for g, keep in zip(grad_log_alpha, present, strict=True)),
-        )
+        spec: _StepSpec = ctx.spec
+        count = len(spec.partition.ranks)
+        scale_grads = grads[:count]
+        g_kl_n, g_kl_w, g_kl_d, g_coop = grads[count:] if spec.with_regulariser else (None,) * 4
+        if any(g is not None for g in (g_kl_n, g_kl_w, g_kl_d, g_coop)):
+            slots = tuple(range(count))
+            rows = spec.partition
+        else:  # a replayed block (reentrant checkpointing): only its layers, O(block) ops
+            slots = tuple(i for i, g in enumerate(scale_grads) if g is not None)
+            if not slots:
+                return (None,) * (1 + 2 * count)
+            rows = spec.partition if len(slots) == count else spec.partition.subset(slots)
+        v, alpha, sample = rows.select(ctx.v), rows.select(ctx.alpha), rows.select(spec.mixture_sample)
+        grad_log_v = torch.zeros_like(v)
+        grad_sample = None
+        if any(scale_grads[i] is not None for i in slots):
+            zero = v.new_zeros(rows.r_max, 1)
+            filled = [zero[: spec.partition.ranks[i]] if scale_grads[i] is None else scale_grads[i] for i in slots]
+            weighted = rows.stack_rows(filled, fill=0.0) * rows.select(ctx.scale)  # d loss / d ln(scale)
+            grad_log_v = grad_log_v + 0.5 * weighted
+            if ctx.norm is not None:  # d||x||/dx = x/||x||
+                grad_sample = (weighted.sum(-1, keepdim=True) / rows.select(ctx.norm).square()) * sample
+        if g_kl_n is not None:
+            grad_log_v = grad_log_v + g_kl_n * 0.5 * (v * ctx.row_sq - 1)
+        if g_kl_w is not None:
+            grad_log_v = grad_log_v + g_kl_w * 0.5 * rows.dof.unsqueeze(-1) * (v - 1)
+        if g_coop is not None:
+            grad_sample = 2 * g_coop * sample if grad_sample is None else grad_sample + 2 * g_coop * sample
+        grad_alpha = torch.zeros_like(alpha) if grad_sample is None else _Dirichlet_backward(sample, alpha, grad_sample)
+        if g_kl_d is not None:
+            total = alpha.sum(-1, keepdim=True)
+            prior = spec.dirichlet_prior
+            kl_d_grad = (alpha - prior) * torch.polygamma(1, alpha) - torch.polygamma(1, total) * (total - alpha.shape[-1] * prior)
+            grad_alpha = grad_alpha + g_kl_d * kl_d_grad
+        log_v_grads: list[torch.Tensor | None] = [None] * count
+        log_alpha_grads: list[torch.Tensor | None] = [None] * count
+        for slot, g_v, g_a in zip(slots, rows.split_rows(grad_log_v.unsqueeze(-1)), (grad_alpha * alpha).unsqueeze(1).unbind(0), strict=True):
+            log_v_grads[slot], log_alpha_grads[slot] = g_v, g_a
+        return (None, *log_v_grads, *log_alpha_grads)
 
 
 @dataclass
@@ -179,11 +258,12 @@ class MonteCLoRAEngine:
     def __init__(self, config: MonteCLoRAConfig, adapter_name: str = "default") -> None:
         self.config = config
         self.adapter_name = adapter_name
-        self.sampler = NoiseSampler(config.seed, config.sampler)
+        self.adapter_key = adapter_key(adapter_name)
+        self.sampler = NoiseSampler(config.seed, config.sampler, self.adapter_key)
         self.layers: list[MonteCLoRALinearA] = []
         self.forward_index = 0  # index of the next training forward
         self.predictive_draw: int | None = None
-        self._partitions: list[_Partition] | None = None
+        self._partitions: list[_DevicePartition] | None = None
         self._layout_device: torch.device | None = None
         self._train: _ForwardState | None = None
         self._predictive: _ForwardState | None = None
@@ -194,7 +274,7 @@ class MonteCLoRAEngine:
         self._partitions = None
         return len(self.layers) - 1
 
-    def _layout(self) -> list[_Partition]:
+    def _layout(self) -> list[_DevicePartition]:
         """Partitions by device and noise groups by shape; rebuilt when a layer was added or the
         model moved to another device."""
         first_device = self.layers[0].wishart_log_scale.device
@@ -212,19 +292,11 @@ class MonteCLoRAEngine:
             layers.extend(members)
             numbers.append(number)
         self.sampler.set_groups(tuple(groups))
-        self._partitions = [self._partition(device, layers, numbers) for device, (layers, numbers) in partitions_by_device.items()]
+        self._partitions = [
+            _DevicePartition(layers, numbers, _Partition.build([m.out_features for m in layers], [m.dof for m in layers], device))
+            for device, (layers, numbers) in partitions_by_device.items()
+        ]
         return self._partitions
-
-    @staticmethod
-    def _partition(device: torch.device, layers: list[MonteCLoRALinearA], groups: list[int]) -> _Partition:
-        ranks = [layer.out_features for layer in layers]
-        r_max = max(ranks)
-        pad_index = None
-        if min(ranks) != r_max:
-            rows = [slot * r_max + i for slot, rank in enumerate(ranks) for i in range(rank)]
-            pad_index = torch.tensor(rows, device=device)
-        dof = torch.tensor([layer.dof for layer in layers], device=device, dtype=torch.float32)
-        return _Partition(layers, groups, ranks, dof, pad_index)
 
     # -- forwards ------------------------------------------------------------------------------
     @property
@@ -270,51 +342,33 @@ class MonteCLoRAEngine:
         draws = self.sampler.draw(key)
         count = len(self.layers)
         state = _ForwardState(key, [None] * count, [None] * count)
-        sums: dict[str, list[torch.Tensor]] = {name: [] for name in REGULARISER_TERMS}
+        sums: list[tuple[torch.Tensor, ...]] = []
         for number, partition in enumerate(partitions):
             group_draws = [draws[g] for g in partition.groups]
             _gather_zero3([p for layer in partition.layers for p in (layer.wishart_log_scale, layer.concentration_log)])
             log_v = [full_fp32(layer.wishart_log_scale) for layer in partition.layers]
             log_alpha = [full_fp32(layer.concentration_log) for layer in partition.layers]
             alpha = torch.cat(log_alpha).detach().exp()
-            generator = seeded_generator(alpha.device, stream_seed(self.config.seed, self.sampler.rank, _MIXTURE_STREAM[stream], index, number))
-            sample = dirichlet_sample(alpha, generator)
-            spec = _ScaleSpec(partition, self.config.sample_scaler, self.config.sparse_mixture, sample)
-            scales = _RowScales.apply(spec, *log_v, *log_alpha)
+            generator = seeded_generator(alpha.device, stream_seed(self.config.seed, self.adapter_key, self.sampler.rank, _MIXTURE_STREAM[stream], index, number))
+            config = self.config
+            spec = _StepSpec(partition.rows, config.sample_scaler, config.sparse_mixture, config.dirichlet_prior,
+                             dirichlet_sample(alpha, generator), group_draws, with_regulariser)
+            with torch.autocast(alpha.device.type, enabled=False):
+                outputs = _StepNode.apply(spec, *log_v, *log_alpha)
             noise = [layer_noise for draw in group_draws for layer_noise in draw.noise.unbind(0)]
-            for layer, scale, layer_noise in zip(partition.layers, scales, noise, strict=True):
+            for layer, scale, layer_noise in zip(partition.layers, outputs, noise, strict=False):
                 state.scales[layer.layer_index] = scale
                 state.noise[layer.layer_index] = layer_noise
             if with_regulariser:
-                for name, value in self._regulariser_sums(partition, group_draws, log_v, log_alpha, sample).items():
-                    sums[name].append(value.to(partitions[0].dof.device))
+                sums.append(tuple(value.to(partitions[0].rows.dof.device) for value in outputs[len(partition.layers):]))
         if with_regulariser:
             state.regulariser = self._regulariser(sums, count)
         return state
 
-    def _regulariser_sums(
-        self,
-        partition: _Partition,
-        draws: list[BartlettDraw],
-        log_v: list[torch.Tensor],
-        log_alpha: list[torch.Tensor],
-        sample: torch.Tensor,
-    ) -> dict[str, torch.Tensor]:
-        """Each term summed over the partition's layers, vectorised (fp32, autocast off)."""
-        with torch.autocast(partition.dof.device.type, enabled=False):
-            stacked_log_v = partition.stack_rows(log_v, fill=0.0)  # padding: v = 1, no KL
-            row_sq = partition.stack_rows([draw.row_sq.view(-1) for draw in draws], fill=1.0)  # padding: no KL
-            log_det = torch.cat([draw.log_det for draw in draws])
-            alpha = torch.cat(log_alpha).exp()
-            return {
-                "kl_gaussian": kl_gaussian(stacked_log_v, row_sq, log_det).sum(),
-                "kl_wishart": kl_wishart(stacked_log_v, partition.dof).sum(),
-                "kl_dirichlet": kl_dirichlet(alpha, self.config.dirichlet_prior).sum(),
-                "cooperative": cooperative_loss(dirichlet_attach(alpha, sample)).sum(),
-            }
-
-    def _regulariser(self, sums: dict[str, list[torch.Tensor]], count: int) -> dict[str, torch.Tensor]:
-        terms = {name: (values[0] if len(values) == 1 else torch.stack(values).sum()) / count for name, values in sums.items()}
+    def _regulariser(self, sums: list[tuple[torch.Tensor, ...]], count: int) -> dict[str, torch.Tensor]:
+        """Each term averaged over all layers; total = kl_weight * mean KL + mean cooperative."""
+        totals = sums[0] if len(sums) == 1 else [torch.stack(values).sum() for values in zip(*sums, strict=True)]
+        terms = {name: value / count for name, value in zip(REGULARISER_TERMS, totals, strict=True)}
         kl = terms["kl_gaussian"] + terms["kl_wishart"] + terms["kl_dirichlet"]
         terms["total"] = self.config.kl_weight * kl + terms["cooperative"]
         return terms

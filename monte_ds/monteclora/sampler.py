@@ -1,8 +1,8 @@
 """Per-rank noise sampler: the parameter-free part of one forward's noise, for all layers at once.
 
 Layers with the same noise shape form a `NoiseGroup`; each group's noise for one forward is one
-batched Bartlett draw (`math.draw_bartlett`), from a generator seeded by (seed, rank, stream,
-forward index, group). So the synchronous and asynchronous modes, checkpoint recomputation and
+batched Bartlett draw (`math.draw_bartlett`), from a generator seeded by (seed, adapter, rank,
+stream, forward index, group). So the synchronous and asynchronous modes, checkpoint recomputation and
 a resumed run all see identical noise, and a step costs a handful of ops whatever the number of
 layers. The asynchronous mode only changes *when* the next training forward's draws are computed:
 
@@ -64,8 +64,9 @@ class NoiseSampler:
     """Draws the noise of every group for a (stream, forward index); prefetches the next
     training forward's draws in asynchronous mode."""
 
-    def __init__(self, seed: int, mode: str) -> None:
+    def __init__(self, seed: int, mode: str, adapter_key: int) -> None:
         self.seed = seed
+        self.adapter_key = adapter_key
         self.mode = mode
         self.rank = data_parallel_rank()
         self._groups: tuple[NoiseGroup, ...] = ()
@@ -111,7 +112,7 @@ class NoiseSampler:
         draws = []
         with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
             for number, group in enumerate(self._groups):
-                generator = seeded_generator(group.device, stream_seed(self.seed, self.rank, stream, index, number))
+                generator = seeded_generator(group.device, stream_seed(self.seed, self.adapter_key, self.rank, stream, index, number))
                 draws.append(draw_bartlett(group.count, group.rank, group.n_in, group.dof, generator, group.device))
         return draws
 
