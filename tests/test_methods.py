@@ -117,6 +117,17 @@ def assert_method_specifics(method: str, out: Path, trainer: MonteCLoRATrainer) 
     assert regularised == (method == "monteclora")
 
 
+@pytest.mark.parametrize("method", ["dora", "adalora", "ia3", "prompt_tuning"])
+def test_peft_methods_train_on_a_4bit_base(tmp_path, tiny_base, method):
+    config = method_config(tmp_path, tiny_base, method)
+    quantization = '{"mode": "nf4", "double_quant": true, "compute_dtype": "float32"}'
+    assert train(config, "--set", f"quantization={quantization}", "--set", "training.max_steps=2") == 0
+    out = tmp_path / "out"
+    assert metrics(out)["status"] == "completed"
+    model = run.load_trained_model(load_config(out / "config.json"), torch.device("cpu"))
+    assert any(type(module).__name__ == "Linear4bit" for module in model.modules())
+
+
 # -- options, per method ------------------------------------------------------------------------------
 def raw_config(method: str, **adapter) -> dict:
     return {
