@@ -63,6 +63,9 @@ ALPACA_PROMPT_NO_INPUT = (
 )
 
 
+Rows = datasets.Dataset | list[dict[str, Any]]  # a dataset, or the exact records of a JSON file parsed here
+
+
 @dataclass(frozen=True)
 class Source:
     """Where a dataset's rows come from, to name them in messages: `line N` of a JSON-lines file
@@ -129,9 +132,6 @@ def training_dataset(data: DataSection) -> tuple[datasets.Dataset, Source]:
         return _prepare(dataset, source, *options)
 
 
-Rows = datasets.Dataset | list[dict[str, Any]]  # a dataset, or the exact records of a JSON file parsed here
-
-
 def load_training_data(path: str, split: str = "train", subset: str | None = None) -> datasets.Dataset:
     """One split of a local file, a `save_to_disk` folder, a bundled file or a hub dataset."""
     rows = load_source(path, split, subset)[0]
@@ -141,6 +141,7 @@ def load_training_data(path: str, split: str = "train", subset: str | None = Non
 def load_source(
     path: str, split: str = "train", subset: str | None = None, on_bad_rows: str = "error"
 ) -> tuple[Rows, Source]:
+    """The rows behind `path` and how to name them; unreadable input is a `UserError` here."""
     if path.startswith(BUNDLED_PREFIX):
         return _load_file(bundled_path(path), path, on_bad_rows)
     local = Path(path).expanduser()
