@@ -17,6 +17,7 @@ from monte_ds.errors import UserError
 from monte_ds.train import checkpoints, run
 from monte_ds.train.config import load_config, validate_config
 from monte_ds.train.methods import ACCEPTED, METHODS
+from monte_ds.train.model import attach_adapter, load_base_model, load_tokenizer
 from monte_ds.train.trainer import ADALORA_STATE_NAME, ORTHOGONALITY, MonteCLoRATrainer
 from tests.test_train_run import DATA, metrics, step_logs, tiny_base, train, write_config  # noqa: F401 (tiny_base: a fixture)
 
@@ -115,6 +116,21 @@ def assert_method_specifics(method: str, out: Path, trainer: MonteCLoRATrainer) 
         assert all(ORTHOGONALITY not in entry for entry in step_logs(out).values())
     regularised = all("kl_gaussian" in entry for entry in step_logs(out).values())
     assert regularised == (method == "monteclora")
+
+
+def test_adalora_orthogonality_enters_the_training_loss_once(tmp_path, tiny_base):
+    """peft adds it to `outputs.loss`, which TRL's fused loss does not use: the trainer adds it."""
+    plan = run.plan_run(["--config", str(method_config(tmp_path, tiny_base, "adalora"))])
+    model = attach_adapter(load_base_model(plan.config, torch.device("cpu"), sharded=False), plan.config, 0, False, None)
+    trainer = MonteCLoRATrainer(model=model, args=plan.args, train_dataset=plan.dataset, processing_class=load_tokenizer(plan.config))
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    model.train()
+    config = model.peft_config["default"]
+    with_penalty = trainer.compute_loss(model, dict(batch)).item()
+    config.orth_reg_weight = 0.0  # peft's forward reads the same config
+    without = trainer.compute_loss(model, dict(batch)).item()
+    penalty = trainer._metrics["train"][ORTHOGONALITY][0]
+    assert penalty > 0 and with_penalty - without == pytest.approx(0.5 * penalty, rel=1e-4)
 
 
 @pytest.mark.parametrize("method", ["dora", "adalora", "ia3", "prompt_tuning"])
