@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel, get_peft_model
+from torch.profiler import DeviceType, ProfilerActivity, profile, record_function
 from peft.tuners.lora import LoraLayer
 from transformers import BitsAndBytesConfig, LlamaForCausalLM
 
@@ -160,32 +161,86 @@ class PeakMemory:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def train_step_seconds(
-    model: PeftModel, regulariser: Callable[[], torch.Tensor | float], settings: RunSettings
-) -> tuple[list[float], list[float]]:
-    """Wall and process-CPU seconds of each measured step (forward, backward, AdamW step);
-    warm-up steps are dropped. CPU seconds (all threads of this process) barely move when
-    other processes share the cores, wall seconds do: the pair tells contention from cost."""
+def training_step(
+    model: PeftModel, regulariser: Callable[[], torch.Tensor | float], optimizer: torch.optim.Optimizer, settings: RunSettings
+) -> Callable[[int], None]:
+    """One training step (forward, regulariser, backward, AdamW step) on batch number `step`."""
     device = torch.device(settings.device)
-    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    model.train()
-    wall, cpu = [], []
-    for step in range(settings.warmup_steps + settings.steps):
-        generator = torch.Generator().manual_seed(settings.seed + step)
+
+    def step(number: int) -> None:
+        generator = torch.Generator().manual_seed(settings.seed + number)
         batch = torch.randint(settings.vocab_size, (settings.batch_size, settings.seq_len), generator=generator)
         batch = batch.to(device)
-        synchronize()
-        start, cpu_start = time.perf_counter(), time.process_time()
         loss = model(input_ids=batch, labels=batch).loss + regulariser()
         loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        with record_function(OPTIMIZER_RANGE):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def train_step_seconds(step: Callable[[int], None], settings: RunSettings) -> tuple[list[float], list[float]]:
+    """Wall and process-CPU seconds of each measured step; warm-up steps are dropped. CPU seconds
+    (all threads of this process) barely move when other processes share the cores, wall seconds
+    do: the pair tells contention from cost."""
+    device = torch.device(settings.device)
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    wall, cpu = [], []
+    for number in range(settings.warmup_steps + settings.steps):
         synchronize()
-        if step >= settings.warmup_steps:
+        start, cpu_start = time.perf_counter(), time.process_time()
+        step(number)
+        synchronize()
+        if number >= settings.warmup_steps:
             wall.append(time.perf_counter() - start)
             cpu.append(time.process_time() - cpu_start)
     return wall, cpu
+
+
+# Ops that only make a tensor's metadata (views, detach) or read a CPU scalar: no kernel launch.
+METADATA_OPS = frozenset({
+    "aten::as_strided", "aten::select", "aten::slice", "aten::narrow", "aten::view", "aten::unsqueeze",
+    "aten::squeeze", "aten::expand", "aten::detach", "aten::alias", "aten::unbind", "aten::split",
+    "aten::t", "aten::transpose", "aten::permute", "aten::_reshape_alias", "aten::view_as", "aten::lift_fresh",
+    "aten::item", "aten::_local_scalar_dense", "aten::resolve_conj", "aten::resolve_neg", "aten::result_type",
+})  # fmt: skip
+OPTIMIZER_RANGE = "monte_ds.benchmark.optimizer_step"
+
+
+def _under(event, name: str) -> bool:
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name == name:
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
+def ops_per_step(step: Callable[[int], None], settings: RunSettings, steps: int = 2) -> dict[str, float]:
+    """Per training step, from torch.profiler: every aten op (nested ones included: the host-side
+    work a GPU launch pays for), those that are not metadata-only (the launch proxy), the share of
+    the optimizer step, and on CUDA the device kernels. Runs after the timed steps, so the
+    profiler's own overhead never enters a step time."""
+    activities = [ProfilerActivity.CPU]
+    cuda = settings.device.startswith("cuda")
+    if cuda:
+        activities.append(ProfilerActivity.CUDA)
+    first = settings.warmup_steps + settings.steps
+    with profile(activities=activities) as profiler:
+        for number in range(first, first + steps):
+            step(number)
+        if cuda:
+            torch.cuda.synchronize()
+    aten = [e for e in profiler.events() if e.name.startswith("aten::")]
+    counts = {
+        "aten_ops_per_step": len(aten) / steps,
+        "launching_aten_ops_per_step": sum(1 for e in aten if e.name not in METADATA_OPS) / steps,
+        "optimizer_aten_ops_per_step": sum(1 for e in aten if _under(e, OPTIMIZER_RANGE)) / steps,
+    }
+    if cuda:
+        counts["cuda_kernels_per_step"] = sum(1 for e in profiler.events() if e.device_type == DeviceType.CUDA) / steps
+    return counts
 
 
 def run(settings: RunSettings, method: str) -> dict:
@@ -196,12 +251,19 @@ def run(settings: RunSettings, method: str) -> dict:
     model, regulariser = adapt(load_base(settings), method, settings)
     memory_after_build = memory.current()
     memory.reset()
-    wall, cpu = train_step_seconds(model, regulariser, settings)
+    # fused: one multi-tensor update, as a GPU run with optim="adamw_torch_fused" does (the CPU
+    # kernel still loops per tensor for the step counters: see docs/performance.md)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
+    model.train()
+    step = training_step(model, regulariser, optimizer, settings)
+    wall, cpu = train_step_seconds(step, settings)
+    peak = memory.peak()
     return {
+        **ops_per_step(step, settings),
         "method": method,
         "step_seconds": wall,
         "step_cpu_seconds": cpu,
-        "peak_memory_bytes": memory.peak(),
+        "peak_memory_bytes": peak,
         "memory_after_build_bytes": memory_after_build,
         "memory_metric": memory.metric,
         "adapted_layers": sum(1 for m in model.modules() if isinstance(m, LoraLayer)),
