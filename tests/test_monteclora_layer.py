@@ -93,7 +93,7 @@ def test_targets_matching_nothing_are_an_error(load_base):
         get_monteclora_model(load_base(), MonteCLoRAConfig(target_modules=["no_such_proj"]))
 
 
-# 3: unbiased, and the noise covariance of DESIGN.md -------------------------------------------------------
+# 3: unbiased, and the noise covariance of docs/math.md -------------------------------------------------------
 def test_mean_of_train_outputs_converges_to_eval_output(load_base):
     model = build(load_base)
     lora_layer = model.base_model.model.model.layers[0].self_attn.q_proj
@@ -114,7 +114,7 @@ def test_mean_of_train_outputs_converges_to_eval_output(load_base):
 
 
 def test_noise_covariance_matches_design(load_base):
-    """Columns of dA/eps have covariance E||pi||^2 * nu * V (DESIGN.md, invariants)."""
+    """Columns of dA/eps have covariance E||pi||^2 * nu * V (docs/math.md, invariants)."""
     model = build(load_base, wishart_df=6)
     layer = first_layer(model)
     alpha = torch.tensor([0.5, 1.0, 2.0, 4.0])

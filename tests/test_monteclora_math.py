@@ -1,4 +1,4 @@
-"""The math against torch.distributions and independent closed forms (DESIGN.md, 'Losses')."""
+"""The math against torch.distributions and independent closed forms (docs/math.md, 'The losses')."""
 
 import math
 
