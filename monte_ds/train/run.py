@@ -4,15 +4,8 @@
 
 One script for every launcher: `python`, `torchrun`, `deepspeed` (which passes `--local_rank`)
 and `accelerate launch`. Everything that can be wrong with the config, the data or the output
-directory is reported (exit 2) before the first byte is written. Output directory layout:
-
-    config.json          the resolved config          metrics.json   status, steps, loss, log history
-    checkpoint-N/        resumable checkpoints        runs/          TensorBoard logs
-    adapter/             method monteclora: the MonteCLoRA adapter (monte_ds.load_adapter)
-    lora_adapter/        a plain peft LoRA adapter: MonteCLoRA's means, or the adapter of lora, dora, loraplus
-    peft_adapter/        the peft adapter of adalora, ia3, loha, lokr, prompt_tuning
-    model/               method full: the fine-tuned model and its tokenizer
-    report/              the evaluation report, when eval.suites is set
+directory is reported (exit 2) before the first byte is written. The output directory's layout,
+statuses and exit codes are `monte_ds.run_folder`'s.
 
 Exit codes: 0 trained, 2 user error, 3 the loss diverged (metrics.json says "diverged").
 An evaluation after training that fails (a suite, or all of it) is recorded in report/ and
@@ -23,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import logging
 import math
 import os
@@ -43,8 +35,11 @@ from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 from trl import SFTConfig
 
 import monte_ds
+from monte_ds import run_folder
 from monte_ds.atomic import atomic_directory, atomic_write_json
 from monte_ds.errors import UserError
+from monte_ds.flags import ArgumentParser
+from monte_ds.monteclora.engine import REGULARISER_TERMS
 from monte_ds.train import checkpoints
 from monte_ds.train.config import TrainConfig, load_config, training_arguments
 from monte_ds.tiny import build_tokenizer
@@ -59,7 +54,7 @@ from monte_ds.train.model import (
     load_tokenizer,
     quantization_config,
 )
-from monte_ds.train.trainer import REGULARISER_TERMS, MonteCLoRATrainer
+from monte_ds.train.trainer import MonteCLoRATrainer
 
 if TYPE_CHECKING:  # lm-eval is imported only by runs that evaluate
     from monte_ds.evaluation import EvalPlan
@@ -67,18 +62,9 @@ if TYPE_CHECKING:  # lm-eval is imported only by runs that evaluate
 
 logger = logging.getLogger("monte_ds.train")
 
-EXIT_DIVERGED = 3
-CONFIG_NAME = "config.json"
-METRICS_NAME = "metrics.json"
-ADAPTER_DIR = "adapter"
-LORA_ADAPTER_DIR = "lora_adapter"
-PEFT_ADAPTER_DIR = "peft_adapter"
-MODEL_DIR = "model"
-REPORT_DIR = "report"
-
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="monte-ds train", description="Fine-tune with MonteCLoRA (or a plain LoRA baseline) from a JSON config."
     )
     parser.add_argument("--config", required=True, help="the JSON config (see configs/ and docs/training.md)")
@@ -108,9 +94,10 @@ def plan_run(argv: Sequence[str] | None) -> Plan:
     if options.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(options.local_rank))
     config = load_config(options.config, options.overrides)
+    # before training_arguments: its DeepSpeed ZeRO-3 config would make from_config partition the skeleton
+    check_adapter_targets(config, check_model_path(config))
     args = training_arguments(config)
     resume_from = _checkpoint_to_resume(config.output_dir, options.resume)
-    check_adapter_targets(config, check_model_path(config))
     evaluation = None
     if config.eval.get("suites"):
         from monte_ds.evaluation import plan_evaluation
@@ -118,7 +105,7 @@ def plan_run(argv: Sequence[str] | None) -> Plan:
         try:
             evaluation = plan_evaluation(config.eval)
         except UserError as err:
-            raise UserError(f"eval.{err}") from None
+            raise err.under("eval") from None
     dataset, source = training_dataset(config.data)
     check_trainable_tokens(dataset, _planning_tokenizer(config, dataset), args, source)
     return Plan(config, args, dataset, resume_from, evaluation)
@@ -141,19 +128,12 @@ def _checkpoint_to_resume(output_dir: Path, resume: bool) -> Path | None:
         if latest is None:
             raise UserError(f"--resume: no complete checkpoint in {output_dir}")
         return latest
-    if latest is not None and _read_status(output_dir) is None:
+    if latest is not None and run_folder.read_status(output_dir) is None:
         raise UserError(
             f"training.output_dir: {output_dir} holds an unfinished run (latest {latest.name}); "
             "pass --resume to continue it, or choose another output_dir"
         )
     return None
-
-
-def _read_status(output_dir: Path) -> str | None:
-    try:
-        return json.loads((output_dir / METRICS_NAME).read_text()).get("status")
-    except (FileNotFoundError, json.JSONDecodeError, AttributeError):
-        return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -168,7 +148,7 @@ def execute(plan: Plan) -> int:
     with args.main_process_first(local=False, desc="preparing the output directory"):
         if args.process_index == 0:
             _prepare_output_dir(config, fresh=plan.resume_from is None)
-            atomic_write_json(config.output_dir / CONFIG_NAME, config.to_dict())
+            atomic_write_json(config.output_dir / run_folder.CONFIG_JSON, config.to_dict())
             if config.model.build_tiny:
                 ensure_tiny_model(config.model.path, dataset_texts(plan.dataset), seed=0)
 
@@ -186,8 +166,8 @@ def execute(plan: Plan) -> int:
     )
     result = trainer.train(resume_from_checkpoint=str(plan.resume_from) if plan.resume_from else None)
 
-    status = "diverged" if trainer.diverged else "completed"
-    if status == "completed":
+    status = run_folder.DIVERGED if trainer.diverged else run_folder.COMPLETED
+    if status == run_folder.COMPLETED:
         _save_adapters(trainer, config)
     if trainer.is_world_process_zero():
         metrics = {
@@ -196,10 +176,10 @@ def execute(plan: Plan) -> int:
             "train_loss": result.training_loss,
             "log_history": trainer.state.log_history,
         }
-        atomic_write_json(config.output_dir / METRICS_NAME, metrics)
+        atomic_write_json(config.output_dir / run_folder.METRICS_JSON, metrics)
         _print_summary(config, metrics)
-    if status == "diverged":
-        return EXIT_DIVERGED
+    if status == run_folder.DIVERGED:
+        return run_folder.EXIT_DIVERGED
     if plan.evaluation is not None and args.process_index == 0:
         # The other ranks are done: no collective waits on an evaluation that may take hours.
         log_history = trainer.state.log_history
@@ -208,7 +188,7 @@ def execute(plan: Plan) -> int:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         _evaluate(config, args, replace(plan.evaluation, log_history=log_history))
-    return 0
+    return run_folder.EXIT_COMPLETED
 
 
 def _init_distributed(args: SFTConfig) -> None:
@@ -230,10 +210,7 @@ def _prepare_output_dir(config: TrainConfig, fresh: bool) -> None:
     if not fresh:
         return
     stale = checkpoints.checkpoint_dirs(output_dir)
-    stale += [
-        output_dir / name
-        for name in (ADAPTER_DIR, LORA_ADAPTER_DIR, PEFT_ADAPTER_DIR, MODEL_DIR, REPORT_DIR, METRICS_NAME)
-    ]
+    stale += [output_dir / name for name in run_folder.RESULTS]
     stale = [path for path in stale if path.exists()]
     if stale:
         logger.warning("starting afresh in %s: removing the earlier run's %s", output_dir, ", ".join(p.name for p in stale))
@@ -247,18 +224,19 @@ def _prepare_output_dir(config: TrainConfig, fresh: bool) -> None:
 def inference_dir(config: TrainConfig) -> Path:
     """Where a finished run keeps what its method needs for inference."""
     if config.method == "monteclora":
-        return config.output_dir / ADAPTER_DIR
+        return config.output_dir / run_folder.ADAPTER_DIR
     if config.method == "full":
-        return config.output_dir / MODEL_DIR
-    return config.output_dir / (LORA_ADAPTER_DIR if config.method in LORA_ADAPTERS else PEFT_ADAPTER_DIR)
+        return config.output_dir / run_folder.MODEL_DIR
+    peft_dir = run_folder.LORA_ADAPTER_DIR if config.method in LORA_ADAPTERS else run_folder.PEFT_ADAPTER_DIR
+    return config.output_dir / peft_dir
 
 
 def _save_adapters(trainer: MonteCLoRATrainer, config: TrainConfig) -> None:
     """Collective under ZeRO-3/FSDP2 (the parameters are gathered): every rank calls it. peft
     adapters and the full model are saved by the Trainer, which gathers them on every backend."""
     if config.method == "monteclora":
-        monte_ds.save_adapter(trainer.model, config.output_dir / ADAPTER_DIR)
-        monte_ds.export_lora_adapter(trainer.model, config.output_dir / LORA_ADAPTER_DIR)
+        monte_ds.save_adapter(trainer.model, config.output_dir / run_folder.ADAPTER_DIR)
+        monte_ds.export_lora_adapter(trainer.model, config.output_dir / run_folder.LORA_ADAPTER_DIR)
     else:
         directory = inference_dir(config)
         with atomic_directory(directory) if trainer.args.should_save else nullcontext(directory) as target:
@@ -297,7 +275,7 @@ def _evaluate(config: TrainConfig, args: SFTConfig, evaluation: EvalPlan) -> Non
     `run_plan`, and an evaluation that cannot start leaves a report saying why."""
     from monte_ds.evaluation import run_plan, write_failed_report
 
-    report_dir = config.output_dir / REPORT_DIR
+    report_dir = config.output_dir / run_folder.REPORT_DIR
     metadata = {
         "adapter_method": config.method,
         "config_hash": config.config_hash(),
@@ -330,7 +308,7 @@ def _versions() -> dict[str, str]:
 
 
 def _print_summary(config: TrainConfig, metrics: dict[str, Any]) -> None:
-    last = next((entry for entry in reversed(metrics["log_history"]) if "kl_gaussian" in entry), None)
+    last = next((entry for entry in reversed(metrics["log_history"]) if REGULARISER_TERMS[0] in entry), None)
     terms = ", ".join(f"{name}={last[name]:.4g}" for name in REGULARISER_TERMS) if last else ""
     loss = metrics["train_loss"]
     print(
@@ -338,7 +316,7 @@ def _print_summary(config: TrainConfig, metrics: dict[str, Any]) -> None:
         f"{loss if loss is None or not math.isfinite(loss) else f'{loss:.4f}'}"
         + (f"; regulariser {terms}" if terms else "")
         + f"; outputs in {config.output_dir}",
-        file=sys.stderr if metrics["status"] != "completed" else sys.stdout,
+        file=sys.stderr if metrics["status"] != run_folder.COMPLETED else sys.stdout,
     )
 
 
