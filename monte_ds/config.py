@@ -8,6 +8,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from monte_ds.errors import InputError
+
 # LLaMA's attention and MLP projections: what the paper adapts.
 LLAMA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # peft's task types (peft.TaskType values); None wraps any nn.Module in a plain PeftModel.
@@ -62,7 +64,7 @@ class MonteCLoRAConfig:
     def __post_init__(self) -> None:
         def require(ok: bool, name: str, rule: str) -> None:
             if not ok:
-                raise ValueError(f"{name} must be {rule}, got {getattr(self, name)!r}")
+                raise InputError(f"must be {rule}, got {getattr(self, name)!r}", key=name)
 
         def is_int(value: Any) -> bool:
             return isinstance(value, int) and not isinstance(value, bool)
@@ -168,5 +170,5 @@ class MonteCLoRAConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown MonteCLoRAConfig field(s): {', '.join(unknown)}")
+            raise InputError(f"unknown MonteCLoRAConfig field(s): {', '.join(unknown)}")
         return cls(**data)

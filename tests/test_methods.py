@@ -13,12 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from monte_ds import run_folder
 from monte_ds.errors import UserError
 from monte_ds.train import checkpoints, run
 from monte_ds.train.config import load_config, validate_config
 from monte_ds.train.methods import ACCEPTED, METHODS
 from monte_ds.train.model import attach_adapter, load_base_model, load_tokenizer
-from monte_ds.train.trainer import ADALORA_STATE_NAME, ORTHOGONALITY, MonteCLoRATrainer
+from monte_ds.train.trainer import ORTHOGONALITY, MonteCLoRATrainer
 from tests.test_train_run import DATA, metrics, step_logs, tiny_base, train, write_config  # noqa: F401 (tiny_base: a fixture)
 
 # Small settings that make each method do something visible in 4 steps.
@@ -80,7 +81,7 @@ def test_every_method_trains_resumes_exactly_and_reloads_its_output(tmp_path, ti
     resumed = tmp_path / "resumed"
     shutil.copytree(out / "checkpoint-2", resumed / "checkpoint-2")
     shutil.copytree(out / "checkpoint-4", resumed / "checkpoint-4")
-    (resumed / "checkpoint-4" / checkpoints.MARKER_NAME).unlink()
+    (resumed / "checkpoint-4" / run_folder.CHECKPOINT_MARKER_JSON).unlink()
     assert train(config_path, "--set", f"training.output_dir={resumed}", "--resume") == 0
     expected, actual = step_logs(out), step_logs(resumed)
     assert {3, 4} <= set(actual) and metrics(resumed)["global_step"] == 4
@@ -111,7 +112,7 @@ def assert_method_specifics(method: str, out: Path, trainer: MonteCLoRATrainer) 
         kept = [sum(mask) for mask in peft_config["rank_pattern"].values()]
         assert sum(kept) == 4 * len(kept) and max(kept) <= 6
         assert all(ORTHOGONALITY in entry for entry in step_logs(out).values())
-        assert (out / "checkpoint-2" / ADALORA_STATE_NAME).is_file()
+        assert (out / "checkpoint-2" / run_folder.CHECKPOINT_ADALORA_STATE).is_file()
     else:
         assert all(ORTHOGONALITY not in entry for entry in step_logs(out).values())
     regularised = all("kl_gaussian" in entry for entry in step_logs(out).values())

@@ -20,14 +20,15 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-from monte_ds import load_adapter, monteclora_losses
+from monte_ds import load_adapter, monteclora_losses, run_folder
 from monte_ds.errors import run_cli
 from monte_ds.train import checkpoints
 from monte_ds.train.config import load_config, training_arguments
 from monte_ds.train.data import dataset_texts, load_training_data, prepare_dataset
 from monte_ds.train.model import attach_adapter, ensure_tiny_model, load_base_model
 from monte_ds.train.run import main
-from monte_ds.train.trainer import REGULARISER_TERMS, MonteCLoRATrainer
+from monte_ds.monteclora.engine import REGULARISER_TERMS
+from monte_ds.train.trainer import MonteCLoRATrainer
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = "bundled:tiny_instruct.jsonl"
@@ -139,7 +140,7 @@ def test_lora_baseline_runs_through_the_same_pipeline(tmp_path, tiny_base):
     assert metrics(out)["status"] == "completed"
     assert not (out / "adapter").exists()  # no MonteCLoRA adapter for a plain LoRA run
     assert all("kl_gaussian" not in entry for entry in step_logs(out).values())
-    assert not (out / "checkpoint-2" / checkpoints.SAMPLER_STATE_NAME).exists()
+    assert not (out / "checkpoint-2" / run_folder.CHECKPOINT_SAMPLER_JSON).exists()
     assert checkpoints.is_complete(out / "checkpoint-2")
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), out / "lora_adapter")
     assert sum(p.numel() for n, p in model.named_parameters() if "lora_B" in n) > 0
@@ -200,7 +201,7 @@ def test_a_resumed_run_reproduces_the_uninterrupted_one(tmp_path, tiny_base):
     resumed = tmp_path / "resumed"
     shutil.copytree(full / "checkpoint-3", resumed / "checkpoint-3")
     shutil.copytree(full / "checkpoint-6", resumed / "checkpoint-6")
-    (resumed / "checkpoint-6" / checkpoints.MARKER_NAME).unlink()
+    (resumed / "checkpoint-6" / run_folder.CHECKPOINT_MARKER_JSON).unlink()
     (resumed / "checkpoint-6" / "optimizer.pt").write_bytes(b"\0" * 10)
     assert train(config, "--set", f"training.output_dir={resumed}", "--resume") == 0
 

@@ -13,11 +13,12 @@ import dataclasses
 import sys
 import typing
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 
-from monte_ds.errors import UserError
+from monte_ds.errors import KeyedError
+from monte_ds.flags import ArgumentParser, flag
 from monte_ds.evaluation.loading import DTYPES, load_model, nf4_config
 from monte_ds.evaluation.options import EvalOptions
 from monte_ds.evaluation.runner import plan_evaluation, run_plan
@@ -28,23 +29,12 @@ OPTION_FIELDS = {f.name: f for f in dataclasses.fields(EvalOptions)}
 FLAGGED_KEYS = {*OPTION_FIELDS, "training_log", "model", "adapter"}
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse whose errors are one-line `UserError`s (exit 2 through the CLI dispatcher)."""
-
-    def error(self, message: str) -> NoReturn:
-        raise UserError(message)
-
-
-def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
 def _comma_list(value: str) -> list[str]:
     return [item.strip() for item in value.split(",") if item.strip()]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="monte-ds eval", description="Evaluate a causal LM (optionally with an adapter) and write a report.")
+    parser = ArgumentParser(prog="monte-ds eval", description="Evaluate a causal LM (optionally with an adapter) and write a report.")
     parser.add_argument("--model", required=True, help="base model: local path or hub id")
     parser.add_argument("--adapter", help="monte-ds adapter (save_adapter) or plain peft adapter directory")
     parser.add_argument("--load-in-4bit", action="store_true", help="quantize the base to nf4 (bitsandbytes, double quant)")
@@ -67,10 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _as_flag(err: UserError) -> UserError:
+def _as_flag(err: KeyedError) -> KeyedError:
     """An option error names the flag the user typed rather than the option key."""
-    key, sep, rest = str(err).partition(":")
-    return UserError(f"{flag(key)}:{rest}") if sep and key in FLAGGED_KEYS else err
+    return err.with_key(flag(err.key)) if err.key in FLAGGED_KEYS else err
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -86,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             quantization=nf4_config(args["dtype"]) if args["load_in_4bit"] else None,
         )
         result = run_plan(plan, loaded.model, loaded.tokenizer, args["output"], loaded.metadata)
-    except UserError as err:
+    except KeyedError as err:
         raise _as_flag(err) from None
     failed = {name: suite["error"] for name, suite in result["suites"].items() if suite["status"] == "failed"}
     print(f"report: {args['output']} ({len(result['tasks'])} tasks)")

@@ -62,10 +62,10 @@ def check_task_file(name: str, path: Path, fields: tuple[str, ...] | None) -> No
                 if (problem := _row_problem(line, name, fields)) is not None:
                     bad.append(f"line {number}: {problem}")
     if not rows:
-        raise UserError(f"data_dir: {name}: {path} is empty")
+        raise UserError(f"{name}: {path} is empty", key="data_dir")
     if bad:
         count = f" ({len(bad)} of {rows} rows bad)" if len(bad) > 1 else ""
-        raise UserError(f"data_dir: {name}: {path} {bad[0]}{count}")
+        raise UserError(f"{name}: {path} {bad[0]}{count}", key="data_dir")
 
 
 def _row_problem(line: str, name: str, fields: tuple[str, ...] | None) -> str | None:

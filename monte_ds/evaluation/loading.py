@@ -35,13 +35,14 @@ class LoadedModel:
 def adapter_kind(directory: Path) -> str:
     """The adapter format: "monteclora" for a `save_adapter` directory, "peft" for a plain peft one."""
     if not directory.is_dir():
-        raise UserError(f"adapter: no such directory {directory}")
+        raise UserError(f"no such directory {directory}", key="adapter")
     if (directory / MONTECLORA_CONFIG).is_file():
         return "monteclora"
     if (directory / PEFT_CONFIG).is_file():
         return "peft"
     raise UserError(
-        f"adapter: {directory} is neither a monte-ds adapter ({MONTECLORA_CONFIG}) nor a peft adapter ({PEFT_CONFIG})"
+        f"{directory} is neither a monte-ds adapter ({MONTECLORA_CONFIG}) nor a peft adapter ({PEFT_CONFIG})",
+        key="adapter",
     )
 
 
@@ -83,7 +84,7 @@ def load_model(
         has_tokenizer = adapter is not None and (Path(adapter) / "tokenizer_config.json").is_file()
         tokenizer = AutoTokenizer.from_pretrained(adapter if has_tokenizer else model, **hub)
     except OSError as err:
-        raise UserError(f"model: cannot load {model}: {err}".splitlines()[0]) from None
+        raise UserError(f"cannot load {model}: {err}".splitlines()[0], key="model") from None
     if kind == "monteclora":
         loaded = load_adapter(base, adapter)
     elif kind == "peft":

@@ -7,16 +7,11 @@ training config schema embeds `EvalOptions.json_schema()`.
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import jsonschema
-
-from monte_ds.errors import UserError
+from monte_ds import schema
 
 
 def _option(default: Any = None, help: str = "", **bounds: Any) -> Any:
@@ -55,47 +50,12 @@ class EvalOptions:
     seed: int = _option(1234, "seed of lm-eval's python/numpy/torch RNGs and few-shot sampling", minimum=0)
 
     @classmethod
-    def from_kwargs(
-        cls, options: Mapping[str, Any], name: Callable[[str], str] = lambda key: key
-    ) -> EvalOptions:
-        """Validate `options` (unknown keys, types, bounds); errors name the key via `name(key)`."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        for key in options:
-            if key not in known:
-                raise UserError(f"{name(key)}: unknown evaluation option (known: {', '.join(sorted(known))})")
-        error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(cls.json_schema()).iter_errors(dict(options)))
-        if error is not None:
-            key = str(error.absolute_path[0]) if error.absolute_path else "options"
-            raise UserError(f"{name(key)}: {error.message}")
+    def from_kwargs(cls, options: Mapping[str, Any]) -> EvalOptions:
+        """Validate `options` (unknown keys, types, bounds); a `UserError` names the option's key."""
+        schema.validate(dict(options), cls.json_schema())
         return cls(**options)
 
     @classmethod
     def json_schema(cls) -> dict[str, Any]:
         """JSON schema of the options object, with defaults, for config validation and docs."""
-        hints = typing.get_type_hints(cls)
-        properties = {}
-        for f in dataclasses.fields(cls):
-            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-            properties[f.name] = {
-                **_json_type(hints[f.name]),
-                **f.metadata["bounds"],
-                "default": default,
-                "description": f.metadata["help"],
-            }
-        return {"type": "object", "properties": properties, "additionalProperties": False}
-
-
-_JSON_TYPES = {bool: "boolean", int: "integer", str: "string", float: "number"}
-
-
-def _json_type(hint: Any) -> dict[str, Any]:
-    """The JSON-schema type of a field annotation (scalars, list[...] and X | None)."""
-    args = typing.get_args(hint)
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        members = [_json_type(arg) for arg in args if arg is not type(None)]
-        if len(members) != 1 or "items" in members[0]:
-            raise TypeError(f"unsupported option type {hint}")
-        return {"type": [members[0]["type"], "null"]}
-    if typing.get_origin(hint) is list:
-        return {"type": "array", "items": _json_type(args[0])}
-    return {"type": _JSON_TYPES[hint]}
+        return schema.dataclass_schema(cls, documented=True)

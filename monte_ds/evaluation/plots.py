@@ -21,11 +21,11 @@ def read_log_history(path: str | Path) -> list[dict[str, Any]]:
     try:
         history = json.loads(path.read_text())["log_history"]
     except FileNotFoundError:
-        raise UserError(f"training_log: no such file {path}") from None
+        raise UserError(f"no such file {path}", key="training_log") from None
     except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise UserError(f"training_log: {path} is not a JSON object with a log_history list ({err})") from None
+        raise UserError(f"{path} is not a JSON object with a log_history list ({err})", key="training_log") from None
     if not isinstance(history, list) or not all(isinstance(entry, dict) for entry in history):
-        raise UserError(f"training_log: {path}: log_history must be a list of objects")
+        raise UserError(f"{path}: log_history must be a list of objects", key="training_log")
     return history
 
 

@@ -22,8 +22,9 @@ def require_monteclora(model: nn.Module) -> None:
     """Predictive mode needs a posterior to sample: a MonteCLoRA adapter."""
     if next(monteclora_layers(model), None) is None:
         raise UserError(
-            "predictive_samples: the model has no MonteCLoRA layers (a base model or plain LoRA adapter "
-            "has no posterior to sample); set predictive_samples=0"
+            "the model has no MonteCLoRA layers (a base model or plain LoRA adapter has no posterior to "
+            "sample); set predictive_samples=0",
+            key="predictive_samples",
         )
 
 

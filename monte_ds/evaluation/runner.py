@@ -75,8 +75,9 @@ def _resolve(options: Mapping[str, Any]) -> tuple[EvalOptions, TaskManager, dict
     names = [name for members in suites.values() for name in members]
     if humaneval.TASK in names and not opts.allow_code_execution:
         raise UserError(
-            "allow_code_execution: humaneval runs model-generated code against its tests; "
-            "opt in with allow_code_execution=true (--allow-code-execution) or leave humaneval out"
+            "humaneval runs model-generated code against its tests; "
+            "opt in with allow_code_execution=true (--allow-code-execution) or leave humaneval out",
+            key="allow_code_execution",
         )
     configs = task_configs(manager, names, opts.data_dir, opts.num_fewshot, opts.humaneval_samples)
     return opts, manager, suites, configs
@@ -162,7 +163,7 @@ def run_plan(
     try:
         limits, unfit = generation_limits(plan.tasks, plan.max_gen_toks, lm, opts)
         if unfit and strict:
-            raise UserError("suites: " + "; ".join(unfit.values()))
+            raise UserError("; ".join(unfit.values()), key="suites")
         apply_limits(plan.tasks, limits)
         run_metadata = {"model": getattr(model.config, "_name_or_path", None), "context_length": lm.max_length}
         progress = _Progress(plan, {**run_metadata, **(metadata or {})}, {n: limit.as_dict() for n, limit in limits.items()})

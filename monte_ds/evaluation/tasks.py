@@ -48,7 +48,7 @@ def expand_suites(manager: TaskManager, suites: list[str]) -> dict[str, list[str
     """Suite and task names -> each suite's task names, in order; a task runs once, in the
     first suite that names it (a suite left without tasks is dropped)."""
     if not suites:
-        raise UserError("suites: name at least one suite or task")
+        raise UserError("name at least one suite or task", key="suites")
     index = manager.task_index
     expanded: dict[str, list[str]] = {}
     seen: set[str] = set()
@@ -56,7 +56,7 @@ def expand_suites(manager: TaskManager, suites: list[str]) -> dict[str, list[str
         entry = index.get(suite)
         if entry is None or entry.kind not in (Kind.GROUP, Kind.TASK):
             known = ", ".join(manager.all_groups + manager.all_subtasks)
-            raise UserError(f"suites: unknown suite or task {suite!r} (known: {known})")
+            raise UserError(f"unknown suite or task {suite!r} (known: {known})", key="suites")
         members = [name for name in (entry.cfg["task"] if entry.kind is Kind.GROUP else [suite]) if name not in seen]
         seen.update(members)
         if members:
@@ -118,7 +118,7 @@ def task_configs(
         configs[name] = config
     if missing:
         listing = "; ".join(f"{name}: {', '.join(paths)}" for name, paths in missing.items())
-        raise UserError(f"data_dir: missing data files (layout in docs/evaluation.md) -- {listing}")
+        raise UserError(f"missing data files (layout in docs/evaluation.md) -- {listing}", key="data_dir")
     for name, config in configs.items():
         if config.get("dataset_path") == "json":  # read offline, from data_dir
             check_task_files(name, config)
@@ -137,10 +137,10 @@ def load_tasks(
             offline = config.get("dataset_path") == "json"
             source = config["dataset_kwargs"]["data_files"] if offline else config.get("dataset_path")
             hint = "" if offline else " (offline: set data_dir, layout in docs/evaluation.md)"
-            raise UserError(f"data_dir: cannot load {name} from {source}: {str(err).splitlines()[0]}{hint}") from err
+            raise UserError(f"cannot load {name} from {source}: {str(err).splitlines()[0]}{hint}", key="data_dir") from err
         shots = effective_fewshot(config, num_fewshot)
         if shots and (available := len(task.fewshot_docs())) < shots:
-            raise UserError(f"num_fewshot: {name} uses {shots} few-shot examples but its few-shot split has {available}")
+            raise UserError(f"{name} uses {shots} few-shot examples but its few-shot split has {available}", key="num_fewshot")
         logger.info("%s: %d documents, %d-shot", name, len(task.eval_docs), shots)
         tasks[name] = task
     return tasks

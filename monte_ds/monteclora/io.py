@@ -17,14 +17,15 @@ from torch import nn
 
 from monte_ds.atomic import atomic_directory
 from monte_ds.config import MonteCLoRAConfig
-from monte_ds.errors import UserError
+from monte_ds.errors import InputError
 from monte_ds.monteclora.layer import EXTRA_PARAMS
 from monte_ds.monteclora.model import get_monteclora_model, monteclora_engine
 from monte_ds.monteclora.sampler import data_parallel_rank
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "monteclora_config.json"
-SAMPLER_NAME = "sampler_state.json"
+SAMPLER_JSON = "monteclora_sampler.json"  # the noise counter: the same file in a training checkpoint
+LEGACY_SAMPLER_JSON = "sampler_state.json"  # its name in adapters saved before; still read
 
 
 def _unwrap(model: nn.Module) -> PeftModel:
@@ -73,7 +74,7 @@ def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "d
     with atomic_directory(directory) as tmp:
         save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-        (tmp / SAMPLER_NAME).write_text(json.dumps(monteclora_engine(peft_model, adapter_name).state_dict()) + "\n")
+        (tmp / SAMPLER_JSON).write_text(json.dumps(monteclora_engine(peft_model, adapter_name).state_dict()) + "\n")
         peft_model.peft_config[adapter_name].save_pretrained(tmp)
 
 
@@ -83,18 +84,21 @@ def load_adapter(
     """Rebuild the MonteCLoRA adapter saved by `save_adapter` on `base_model` (exactly), named
     `adapter_name`; on a PeftModel it is added next to the adapters already there."""
     directory = Path(directory)
-    missing = [name for name in (WEIGHTS_NAME, CONFIG_NAME, SAMPLER_NAME) if not (directory / name).is_file()]
+    sampler = directory / SAMPLER_JSON
+    if not sampler.is_file() and (directory / LEGACY_SAMPLER_JSON).is_file():
+        sampler = directory / LEGACY_SAMPLER_JSON
+    missing = [path.name for path in (directory / WEIGHTS_NAME, directory / CONFIG_NAME, sampler) if not path.is_file()]
     if missing:
-        raise UserError(f"{directory}: not a monte-ds adapter (missing {', '.join(missing)})")
+        raise InputError(f"not a monte-ds adapter (missing {', '.join(missing)})", key=str(directory))
     config = MonteCLoRAConfig.from_dict(json.loads((directory / CONFIG_NAME).read_text()))
     peft_model = get_monteclora_model(base_model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
     state = load_file(directory / WEIGHTS_NAME)
     expected = set(get_peft_model_state_dict(peft_model, adapter_name=adapter_name).keys())
     if set(state) != expected:
         absent, extra = sorted(expected - set(state)), sorted(set(state) - expected)
-        raise UserError(f"{directory}: adapter does not match the model (missing {absent[:3]}, unexpected {extra[:3]})")
+        raise InputError(f"adapter does not match the model (missing {absent[:3]}, unexpected {extra[:3]})", key=str(directory))
     set_peft_model_state_dict(peft_model, state, adapter_name=adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
-    monteclora_engine(peft_model, adapter_name).load_state_dict(json.loads((directory / SAMPLER_NAME).read_text()))
+    monteclora_engine(peft_model, adapter_name).load_state_dict(json.loads(sampler.read_text()))
     return peft_model
 
 

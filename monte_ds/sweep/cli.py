@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from monte_ds.errors import UserError
+from monte_ds.flags import ArgumentParser
 from monte_ds.sweep.grid import check_keys, parse_assignment, parse_grid_axis, parse_methods, parse_seeds
 from monte_ds.sweep.report import SWEEP_MD
 from monte_ds.sweep.runner import DEFAULT_LAUNCHER, Sweep, execute, pending_commands
@@ -23,13 +24,8 @@ from monte_ds.sweep.runner import DEFAULT_LAUNCHER, Sweep, execute, pending_comm
 logger = logging.getLogger("monte_ds.sweep")
 
 
-class _ArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line and exit 2, like every monte-ds user error
-        raise UserError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _ArgumentParser(
+    parser = ArgumentParser(
         prog="monte-ds sweep",
         description="Train every grid point x method x seed with `monte-ds train` and measure robustness: "
         "best, median, 1/median, spread per method and metric, a Wilcoxon signed-rank test between "
@@ -58,17 +54,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_sweep(args: argparse.Namespace) -> Sweep:
     if not args.config.is_file():
-        raise UserError(f"--config: no such file {args.config}")
+        raise UserError(f"no such file {args.config}", key="--config")
     try:
         json.loads(args.config.read_text())
     except json.JSONDecodeError as err:
-        raise UserError(f"--config: {args.config} is not valid JSON ({err})") from None
+        raise UserError(f"{args.config} is not valid JSON ({err})", key="--config") from None
     axes = tuple(parse_grid_axis(text) for text in args.grid)
     fixed = tuple(parse_assignment(text, "--set") for text in args.fixed)
     check_keys(axes, fixed)
     launcher = tuple(shlex.split(args.launcher))
     if not launcher:
-        raise UserError("--launcher: empty command")
+        raise UserError("empty command", key="--launcher")
     return Sweep(
         config=args.config.resolve(),
         output=args.output.resolve(),

@@ -50,7 +50,7 @@ def parse_assignment(text: str, flag: str) -> tuple[str, str]:
     """Split `key.path=value` (the format of --set and --grid)."""
     key, sep, value = text.partition("=")
     if not sep or not key or not value or any(not part for part in key.split(".")):
-        raise UserError(f"{flag}: expected key.path=value, got {text!r}")
+        raise UserError(f"expected key.path=value, got {text!r}", key=flag)
     return key, value
 
 
@@ -59,18 +59,18 @@ def parse_grid_axis(text: str) -> GridAxis:
     key, raw = parse_assignment(text, "--grid")
     values = tuple(value.strip() for value in raw.split(","))
     if any(not value for value in values):
-        raise UserError(f"--grid: empty value in {text!r}")
+        raise UserError(f"empty value in {text!r}", key="--grid")
     if len(set(values)) != len(values):
-        raise UserError(f"--grid: repeated value in {text!r}")
+        raise UserError(f"repeated value in {text!r}", key="--grid")
     return GridAxis(key, values)
 
 
 def parse_list(text: str, flag: str) -> list[str]:
     items = [item.strip() for item in text.split(",")]
     if not items or any(not item for item in items):
-        raise UserError(f"{flag}: expected a comma-separated list, got {text!r}")
+        raise UserError(f"expected a comma-separated list, got {text!r}", key=flag)
     if len(set(items)) != len(items):
-        raise UserError(f"{flag}: repeated entry in {text!r}")
+        raise UserError(f"repeated entry in {text!r}", key=flag)
     return items
 
 
@@ -78,7 +78,7 @@ def parse_methods(text: str) -> list[str]:
     methods = parse_list(text, "--methods")
     unknown = [method for method in methods if method not in METHODS]
     if unknown:
-        raise UserError(f"--methods: unknown method {unknown[0]!r} (choose from {', '.join(METHODS)})")
+        raise UserError(f"unknown method {unknown[0]!r} (choose from {', '.join(METHODS)})", key="--methods")
     return methods
 
 
@@ -86,9 +86,9 @@ def parse_seeds(text: str) -> list[int]:
     try:
         seeds = [int(item) for item in parse_list(text, "--seeds")]
     except ValueError:
-        raise UserError(f"--seeds: expected comma-separated integers, got {text!r}") from None
+        raise UserError(f"expected comma-separated integers, got {text!r}", key="--seeds") from None
     if any(seed < 0 for seed in seeds):
-        raise UserError(f"--seeds: seeds must be >= 0, got {text!r}")
+        raise UserError(f"seeds must be >= 0, got {text!r}", key="--seeds")
     return seeds
 
 
@@ -97,9 +97,9 @@ def check_keys(axes: Sequence[GridAxis], fixed: Sequence[tuple[str, str]]) -> No
     seen: dict[str, str] = {}
     for flag, key in [("--grid", axis.key) for axis in axes] + [("--set", key) for key, _ in fixed]:
         if key in RESERVED_KEYS:
-            raise UserError(f"{flag}: {key} is set by the sweep itself (use --methods / --seeds / --output)")
+            raise UserError(f"{key} is set by the sweep itself (use --methods / --seeds / --output)", key=flag)
         if key in seen:
-            raise UserError(f"{flag}: {key} is given more than once (also in {seen[key]})")
+            raise UserError(f"{key} is given more than once (also in {seen[key]})", key=flag)
         seen[key] = flag
 
 
@@ -117,7 +117,7 @@ def expand(axes: Sequence[GridAxis], methods: Sequence[str], seeds: Sequence[int
                 runs.append(Run(method, seed, point, f"{_path_safe(method)}/{name}"))
     ids = [run.run_id for run in runs]
     if len(set(ids)) != len(ids):
-        raise UserError("--grid: two values map to the same run directory name; spell them differently")
+        raise UserError("two values map to the same run directory name; spell them differently", key="--grid")
     return runs
 
 

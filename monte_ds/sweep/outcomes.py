@@ -7,19 +7,17 @@ them. Anything else is *pending* before the run is launched and *failed* after i
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from monte_ds import run_folder
 from monte_ds.evaluation.report import REPORT_JSON, metric_rows
+from monte_ds.run_folder import COMPLETED, CONFIG_JSON, DIVERGED, METRICS_JSON, REPORT_DIR, read_json
 
-METRICS_JSON = "metrics.json"
-CONFIG_JSON = "config.json"
-REPORT_DIR = "report"
-
-Status = Literal["completed", "diverged", "failed", "pending"]
+# A run's own statuses (run_folder's), and the sweep's for a run without one.
+Status = Literal[run_folder.Status, "failed", "pending"]
 
 
 @dataclass(frozen=True)
@@ -42,24 +40,24 @@ class Outcome:
 
     @property
     def finished(self) -> bool:
-        return self.status in ("completed", "diverged")
+        return self.status in (COMPLETED, DIVERGED)
 
 
 def read_outcome(run_dir: Path) -> Outcome:
     """The run's result, or pending when it has not produced one (never launched, or interrupted)."""
-    metrics = _read_json(run_dir / METRICS_JSON)
+    metrics = run_folder.read_metrics(run_dir)
     if metrics is None:
         return Outcome("pending", detail=f"no {METRICS_JSON}")
-    if metrics.get("status") == "diverged":
-        return Outcome("diverged", detail=f"loss diverged at step {metrics.get('global_step')}")
-    if metrics.get("status") != "completed":
+    if metrics.get("status") == DIVERGED:
+        return Outcome(DIVERGED, detail=f"loss diverged at step {metrics.get('global_step')}")
+    if metrics.get("status") != COMPLETED:
         return Outcome("pending", detail=f"{METRICS_JSON} status {metrics.get('status')!r}")
     if not _evaluation_configured(run_dir):
-        return Outcome("completed")
-    report = _read_json(run_dir / REPORT_DIR / REPORT_JSON)
+        return Outcome(COMPLETED)
+    report = read_json(run_dir / REPORT_DIR / REPORT_JSON)
     if report is None:
         return Outcome("pending", detail=f"training completed but no {REPORT_DIR}/{REPORT_JSON}")
-    return Outcome("completed", report_scores(report))
+    return Outcome(COMPLETED, report_scores(report))
 
 
 def report_scores(report: dict[str, Any]) -> dict[Metric, float]:
@@ -79,16 +77,10 @@ def report_scores(report: dict[str, Any]) -> dict[Metric, float]:
 
 
 def _evaluation_configured(run_dir: Path) -> bool:
-    config = _read_json(run_dir / CONFIG_JSON) or {}
+    config = read_json(run_dir / CONFIG_JSON) or {}
     return bool((config.get("eval") or {}).get("suites"))
 
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return None

@@ -10,18 +10,18 @@ import itertools
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from monte_ds.atomic import atomic_write_json, atomic_write_text
 from monte_ds.sweep.grid import Run
-from monte_ds.sweep.outcomes import Metric, Outcome
+from monte_ds.sweep.outcomes import Metric, Outcome, Status
 from monte_ds.sweep.plots import box_plot, plot_filename
 from monte_ds.sweep.stats import Score, paired_test, summarize
 
 SWEEP_JSON = "sweep.json"
 SWEEP_MD = "sweep.md"
 PLOTS_DIR = "plots"
-STATUSES = ("completed", "diverged", "failed", "pending")
+STATUSES = get_args(Status)  # completed, diverged, failed, pending
 REFERENCE_METHOD = "monteclora"
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from monte_ds.atomic import atomic_write_json
 from monte_ds.errors import UserError
+from monte_ds.run_folder import EXIT_USER_ERROR
 from monte_ds.sweep.grid import GridAxis, Run, expand, train_command
 from monte_ds.sweep.outcomes import Outcome, read_outcome
 from monte_ds.sweep.report import build_sweep_report, write_sweep_report
@@ -29,7 +30,6 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_LAUNCHER = (sys.executable, "-m", "monte_ds.cli", "train")
 SETTINGS_JSON = "settings.json"
-CONFIG_ERROR_EXIT = 2  # `monte-ds train` rejected the config: a user error, not a robustness result
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ def run_one(sweep: Sweep, run: Run) -> Outcome:
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as handle:
         returncode = subprocess.run(sweep.command(run), stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT).returncode
-    if returncode == CONFIG_ERROR_EXIT:
+    if returncode == EXIT_USER_ERROR:  # monte-ds train rejected the config: not a robustness result
         raise UserError(f"run {run.run_id}: monte-ds train rejected the config: {_last_line(log)} (log: {log})")
     outcome = read_outcome(sweep.run_dir(run))
     if outcome.status == "pending":

@@ -1,7 +1,7 @@
 """Checkpoints that resume can trust.
 
 The Trainer writes `checkpoint-N/` file by file, from several ranks. A checkpoint counts only once
-`checkpoint-N/monte_ds_checkpoint.json` exists: it is written atomically, by the main process,
+`checkpoint-N/monte_ds_checkpoint.json` (`run_folder.CHECKPOINT_MARKER_JSON`) exists: it is written atomically, by the main process,
 after every rank has finished writing (and after the MonteCLoRA sampler state is in). A process
 killed mid-save leaves a folder without it, which resume skips and the next run removes.
 """
@@ -18,11 +18,10 @@ from typing import Any
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from monte_ds.atomic import atomic_write_json
+from monte_ds.run_folder import CHECKPOINT_MARKER_JSON, CHECKPOINT_SAMPLER_JSON
 
 logger = logging.getLogger(__name__)
 
-MARKER_NAME = "monte_ds_checkpoint.json"
-SAMPLER_STATE_NAME = "monteclora_sampler.json"
 _CHECKPOINT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 
 
@@ -36,7 +35,7 @@ def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
 
 
 def is_complete(checkpoint: Path) -> bool:
-    return (checkpoint / MARKER_NAME).is_file()
+    return (checkpoint / CHECKPOINT_MARKER_JSON).is_file()
 
 
 def latest_complete_checkpoint(output_dir: str | Path) -> Path | None:
@@ -54,12 +53,12 @@ def remove_incomplete(output_dir: str | Path) -> list[Path]:
 
 
 def mark_complete(checkpoint: Path, global_step: int) -> None:
-    atomic_write_json(checkpoint / MARKER_NAME, {"global_step": global_step})
+    atomic_write_json(checkpoint / CHECKPOINT_MARKER_JSON, {"global_step": global_step})
 
 
 def write_sampler_state(checkpoint: Path, state: dict[str, Any]) -> None:
-    atomic_write_json(checkpoint / SAMPLER_STATE_NAME, state)
+    atomic_write_json(checkpoint / CHECKPOINT_SAMPLER_JSON, state)
 
 
 def read_sampler_state(checkpoint: Path) -> dict[str, Any]:
-    return json.loads((checkpoint / SAMPLER_STATE_NAME).read_text())
+    return json.loads((checkpoint / CHECKPOINT_SAMPLER_JSON).read_text())

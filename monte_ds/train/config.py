@@ -23,9 +23,9 @@ from peft import LoraConfig
 from trl import SFTConfig
 
 from monte_ds.config import MonteCLoRAConfig
-from monte_ds.errors import UserError
+from monte_ds import schema
+from monte_ds.errors import InputError, UserError
 from monte_ds.evaluation.options import EvalOptions
-from monte_ds.train import schema
 from monte_ds.train.data import BUNDLED_PREFIX, DATA_SUFFIXES, ON_BAD_ROWS, bundled_path
 from monte_ds.train.methods import (
     METHODS,
@@ -230,11 +230,11 @@ def _read_json_object(key: str, path: str | Path) -> dict[str, Any]:
     try:
         data = json.loads(Path(path).read_text())
     except FileNotFoundError:
-        raise UserError(f"{key}: no such file: {path}") from None
+        raise UserError(f"no such file: {path}", key=key) from None
     except json.JSONDecodeError as err:
-        raise UserError(f"{key}: {path} is not valid JSON ({err})") from None
+        raise UserError(f"{path} is not valid JSON ({err})", key=key) from None
     if not isinstance(data, dict):
-        raise UserError(f"{key}: {path} must hold a JSON object")
+        raise UserError(f"{path} must hold a JSON object", key=key)
     return data
 
 
@@ -274,7 +274,7 @@ def validate_config(raw: dict[str, Any]) -> TrainConfig:
     training = dict(raw["training"])
     method, adapter, options = _adapter(dict(raw.get("adapter", {})), training)
     if adapter.task_type not in (None, "CAUSAL_LM"):
-        raise UserError(f"adapter.task_type: monte-ds train fine-tunes causal LMs (CAUSAL_LM or null), got {adapter.task_type!r}")
+        raise UserError(f"monte-ds train fine-tunes causal LMs (CAUSAL_LM or null), got {adapter.task_type!r}", key="adapter.task_type")
     adapter = dataclasses.replace(adapter, task_type="CAUSAL_LM")
     deepspeed, fsdp = _distributed(raw.get("distributed", {}), adapter)
     evaluation = dict(raw.get("eval", {}))
@@ -286,18 +286,18 @@ def validate_config(raw: dict[str, Any]) -> TrainConfig:
     else:
         _check_local_path("data.path", data.path, DATA_SUFFIXES)
     if (data.format == "template") != (data.prompt_template is not None):
-        raise UserError("data.prompt_template: set it exactly when data.format is 'template'")
+        raise UserError("set it exactly when data.format is 'template'", key="data.prompt_template")
     if quantization.double_quant and quantization.mode not in ("nf4", "fp4"):
-        raise UserError("quantization.double_quant: only applies to 4-bit modes (nf4, fp4)")
+        raise UserError("only applies to 4-bit modes (nf4, fp4)", key="quantization.double_quant")
     if training.get("eval_strategy", "no") != "no":
-        raise UserError("training.eval_strategy: there is no evaluation set during training; the eval section evaluates after it")
+        raise UserError("there is no evaluation set during training; the eval section evaluates after it", key="training.eval_strategy")
     if method == "monteclora" and training.get("label_smoothing_factor", 0) > 0:
         raise UserError(
             "training.label_smoothing_factor: not supported with MonteCLoRA (TRL runs a second "
             "training forward for it, which would draw different noise)"
         )
     if fsdp is not None and quantization.enabled and quantization.quant_storage == "uint8":
-        raise UserError("quantization.quant_storage: FSDP2 shards only floating-point storage; use bfloat16")
+        raise UserError("FSDP2 shards only floating-point storage; use bfloat16", key="quantization.quant_storage")
     config = TrainConfig(model, quantization, method, adapter, data, training, deepspeed, fsdp, evaluation, options)
     check_method_setup(method, quantization.enabled, config.shards_parameters)
     return config
@@ -316,11 +316,8 @@ def _adapter(section: dict[str, Any], training: dict[str, Any]) -> tuple[str, Mo
     shared.setdefault("seed", training.get("seed", _default_training_seed()))
     try:
         adapter = MonteCLoRAConfig.from_dict(shared)
-    except ValueError as err:
-        field, _, problem = str(err).partition(" ")
-        if field in shared:
-            raise UserError(f"adapter.{field}: {problem}") from None
-        raise UserError(f"adapter: {err}") from None
+    except InputError as err:
+        raise UserError(err.problem, key=err.key).under("adapter") from None
     return method, adapter, method_options(method, section, adapter)
 
 
@@ -350,7 +347,7 @@ def _checked_deepspeed(deepspeed: dict[str, Any], adapter: MonteCLoRAConfig) -> 
     """
     zero = deepspeed.get("zero_optimization", {})
     if not isinstance(zero, dict) or zero.get("stage", 0) not in (0, 1, 2, 3):
-        raise UserError("distributed.deepspeed.zero_optimization.stage: must be 0, 1, 2 or 3")
+        raise UserError("must be 0, 1, 2 or 3", key="distributed.deepspeed.zero_optimization.stage")
     if "optimizer" in deepspeed:
         raise UserError(
             "distributed.deepspeed.optimizer: leave the optimizer to training.optim (torch optimizers "
@@ -378,7 +375,7 @@ def _check_local_path(key: str, path: str, suffixes: Sequence[str] = ()) -> None
     """A path that is clearly local must exist; anything else may be a hub id, checked on load."""
     local = path.startswith((".", "/", "~")) or Path(path).suffix in suffixes
     if local and not Path(path).expanduser().exists():
-        raise UserError(f"{key}: no such file or directory: {path}")
+        raise UserError(f"no such file or directory: {path}", key=key)
 
 
 def training_arguments(config: TrainConfig) -> SFTConfig:
@@ -396,7 +393,7 @@ def training_arguments(config: TrainConfig) -> SFTConfig:
     try:
         return SFTConfig(**kwargs)
     except (ValueError, TypeError) as err:
-        raise UserError(f"training: {str(err).strip().splitlines()[0]}") from None
+        raise UserError(f"{str(err).strip().splitlines()[0]}", key="training") from None
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:

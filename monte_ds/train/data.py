@@ -105,7 +105,7 @@ def bundled_path(path: str) -> Path:
     located = Path(str(resources.files("monte_ds") / "data" / name))
     if not name or not located.is_file():
         available = sorted(p.name for p in located.parent.iterdir() if p.is_file()) if located.parent.is_dir() else []
-        raise UserError(f"data.path: no bundled file {name!r} (bundled: {', '.join(available) or 'none'})")
+        raise UserError(f"no bundled file {name!r} (bundled: {', '.join(available) or 'none'})", key="data.path")
     return located
 
 
@@ -165,23 +165,23 @@ def load_source(
                 f"data.path: {path!r} is not a local file or folder, and the hub is offline (HF_HUB_OFFLINE=1) "
                 "with no cached copy of it"
             ) from None
-        raise UserError(f"data.path: cannot load {path!r}: {_first_line(err)}") from None
+        raise UserError(f"cannot load {path!r}: {_first_line(err)}", key="data.path") from None
 
 
 def _load_file(local: Path, name: str, on_bad_rows: str) -> tuple[Rows, Source]:
     if local.suffix not in BUILDERS:
-        raise UserError(f"data.path: unsupported file type {local.suffix!r} (use {', '.join(BUILDERS)})")
+        raise UserError(f"unsupported file type {local.suffix!r} (use {', '.join(BUILDERS)})", key="data.path")
     if _is_empty(local):
-        raise UserError(f"data: {name} is empty")
+        raise UserError(f"{name} is empty", key="data")
     json_lines = _is_json_lines(local)
     try:
         dataset = datasets.load_dataset(BUILDERS[local.suffix], data_files=str(local), split="train")
     except (ValueError, datasets.exceptions.DatasetGenerationError) as err:
         if local.suffix not in (".json", ".jsonl"):
-            raise UserError(f"data: cannot read {name}: {_first_line(err)}") from None
+            raise UserError(f"cannot read {name}: {_first_line(err)}", key="data") from None
         return _parse_json(local, name, json_lines, on_bad_rows)  # the builder does not say which line
     except OSError as err:
-        raise UserError(f"data: cannot read {name}: {_first_line(err)}") from None
+        raise UserError(f"cannot read {name}: {_first_line(err)}", key="data") from None
     if any(isinstance(feature, datasets.Json) for feature in dataset.features.values()):
         # A column of mixed types: the builder keeps it as JSON text and decodes the string "5"
         # as the number 5, so only the file itself says which values are strings.
@@ -215,7 +215,7 @@ def _parse_json(path: Path, name: str, json_lines: bool, on_bad_rows: str) -> tu
         try:
             document = json.loads(text)
         except json.JSONDecodeError as err:
-            raise UserError(f"data: {name} line {err.lineno}: not valid JSON ({err.msg}, column {err.colno})") from None
+            raise UserError(f"{name} line {err.lineno}: not valid JSON ({err.msg}, column {err.colno})", key="data") from None
         entries = list(enumerate(document, 1)) if isinstance(document, list) else [(1, document)]
         where = "row"
     else:
@@ -243,7 +243,7 @@ def _to_dataset(records: list[dict[str, Any]], name: str) -> datasets.Dataset:
     try:
         return datasets.Dataset.from_list(records, on_mixed_types="use_json")
     except (ValueError, TypeError) as err:
-        raise UserError(f"data: cannot read {name}: {_first_line(err)}") from None
+        raise UserError(f"cannot read {name}: {_first_line(err)}", key="data") from None
 
 
 def _columns(rows: Rows) -> list[str]:
@@ -326,18 +326,18 @@ def _prepare(
         else:
             rows = rows[:max_samples]
     if len(rows) == 0:
-        raise UserError(f"data: {source.name} has no rows")
+        raise UserError(f"{source.name} has no rows", key="data")
     columns = _columns(rows)
     data_format = detect_format(columns) if data_format == "auto" else data_format
     missing = [column for column in REQUIRED_COLUMNS[data_format] if column not in columns]
     if data_format == "messages" and not {"messages", "conversations"} & set(columns):
         missing = ["messages"]
     if missing:
-        raise UserError(f"data.format: {data_format!r} needs the column(s) {missing}; the data has {columns}")
+        raise UserError(f"{data_format!r} needs the column(s) {missing}; the data has {columns}", key="data.format")
     if data_format == "template":
         absent = sorted((placeholders(prompt_template) | {completion_column}) - set(columns))
         if absent:
-            raise UserError(f"data.prompt_template: no column(s) {absent} in the data (columns: {columns})")
+            raise UserError(f"no column(s) {absent} in the data (columns: {columns})", key="data.prompt_template")
     checks = _field_checks(columns, data_format, prompt_template, completion_column)
     dataset, source = _without_bad_rows(rows, checks, source, on_bad_rows)
     if data_format == "alpaca":
@@ -480,7 +480,7 @@ def _report_bad_rows(
             'set data.on_bad_rows="skip" to train without them)'
         )
     if count == total:
-        raise UserError(f"data: every row of {name} is bad, nothing to train on ({where}: {problem})")
+        raise UserError(f"every row of {name} is bad, nothing to train on ({where}: {problem})", key="data")
     listed = ", ".join(f"{where} ({problem})" for where, problem in bad[:LISTED_BAD_ROWS])
     more = f" and {count - LISTED_BAD_ROWS} more" if count > LISTED_BAD_ROWS else ""
     logger.warning("data: skipping %d of %d rows of %s: %s%s", count, total, name, listed, more)
@@ -505,12 +505,12 @@ def check_trainable_tokens(
     chat_template = None
     if args.assistant_only_loss:
         if not is_conversational(maybe_convert_to_chatml(dict(dataset[0]))):
-            raise UserError("training.assistant_only_loss: only applies to chat data (messages); this data is not")
+            raise UserError("only applies to chat data (messages); this data is not", key="training.assistant_only_loss")
         if not has_generation_markers(tokenizer.chat_template or ""):
             try:
                 chat_template = get_training_chat_template(tokenizer)
             except ValueError as err:
-                raise UserError(f"training.assistant_only_loss: {_first_line(err)}") from None
+                raise UserError(f"{_first_line(err)}", key="training.assistant_only_loss") from None
     for start in range(0, len(dataset), TOKEN_CHECK_BATCH_ROWS):
         batch = dataset[start : start + TOKEN_CHECK_BATCH_ROWS]
         rows = [maybe_convert_to_chatml(dict(zip(batch, values))) for values in zip(*batch.values())]
@@ -548,8 +548,8 @@ def _untemplatable(
         try:
             _loss_masks([row], tokenizer, args, completion_only, chat_template)
         except (ValueError, TypeError, TemplateError) as err:
-            return UserError(f"data: {source.name} {source.where([start + offset])[0]}: cannot template it: {_first_line(err)}")
-    return UserError(f"data: {source.name}: rows {start + 1}-{start + len(rows)} cannot be templated together")
+            return UserError(f"{source.name} {source.where([start + offset])[0]}: cannot template it: {_first_line(err)}", key="data")
+    return UserError(f"{source.name}: rows {start + 1}-{start + len(rows)} cannot be templated together", key="data")
 
 
 def _loss_masks(

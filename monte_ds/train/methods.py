@@ -22,7 +22,7 @@ from typing import Any, Literal
 from peft import AdaLoraConfig, IA3Config, LoHaConfig, LoKrConfig, PeftConfig, PromptTuningConfig
 
 from monte_ds.config import MonteCLoRAConfig
-from monte_ds.errors import UserError
+from monte_ds.errors import InputError, UserError
 from monte_ds.monteclora.model import lora_config
 
 logger = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ class MethodOptions:
         ]
         for ok, name, rule in rules:
             if not ok:
-                raise ValueError(f"{name} must be {rule}, got {getattr(self, name)!r}")
+                raise InputError(f"must be {rule}, got {getattr(self, name)!r}", key=name)
 
 
 OPTION_FIELDS = frozenset(field.name for field in dataclasses.fields(MethodOptions))
@@ -131,11 +131,10 @@ def method_options(method: str, section: Mapping[str, Any], adapter: MonteCLoRAC
     values = {key: value for key, value in section.items() if key in OPTION_FIELDS}
     try:
         options = MethodOptions(**values)
-    except ValueError as err:
-        field, _, problem = str(err).partition(" ")
-        raise UserError(f"adapter.{field}: {problem}") from None
+    except InputError as err:
+        raise UserError(err.problem, key=err.key).under("adapter") from None
     if method == "adalora" and options.init_r is not None and options.init_r < adapter.r:
-        raise UserError(f"adapter.init_r: AdaLoRA prunes from init_r down to r, so it must be >= r ({adapter.r})")
+        raise UserError(f"AdaLoRA prunes from init_r down to r, so it must be >= r ({adapter.r})", key="adapter.init_r")
     if method == "ia3":
         ia3_feedforward_modules(adapter, options)  # a string target pattern needs explicit feed-forward modules
     return options
@@ -144,9 +143,9 @@ def method_options(method: str, section: Mapping[str, Any], adapter: MonteCLoRAC
 def check_method_setup(method: str, quantized: bool, shards_parameters: bool) -> None:
     """What a method cannot do with the rest of the config."""
     if quantized and method == "full":
-        raise UserError("quantization.mode: full fine-tuning trains every weight, and quantized weights cannot be trained")
+        raise UserError("full fine-tuning trains every weight, and quantized weights cannot be trained", key="quantization.mode")
     if quantized and method in ("loha", "lokr"):
-        raise UserError(f"quantization.mode: peft's {method} has no bitsandbytes layers; use none")
+        raise UserError(f"peft's {method} has no bitsandbytes layers; use none", key="quantization.mode")
     if shards_parameters and method == "adalora":
         raise UserError(
             "distributed: AdaLoRA's rank allocation reads whole weights and gradients, which ZeRO-3 and FSDP shard"
@@ -164,7 +163,7 @@ def ia3_feedforward_modules(adapter: MonteCLoRAConfig, options: MethodOptions) -
         return options.feedforward_modules
     targets = adapter.resolved_target_modules
     if isinstance(targets, str):
-        raise UserError("adapter.feedforward_modules: required for IA³ when target_modules is a pattern")
+        raise UserError("required for IA³ when target_modules is a pattern", key="adapter.feedforward_modules")
     return [name for name in targets if name in _LLAMA_FEEDFORWARD]
 
 

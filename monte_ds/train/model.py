@@ -52,7 +52,7 @@ def check_model_path(config: TrainConfig) -> PretrainedConfig:
     try:
         return AutoConfig.from_pretrained(model.path, revision=model.revision, trust_remote_code=model.trust_remote_code)
     except (OSError, ValueError) as err:
-        raise UserError(f"model.path: cannot load a model config from {model.path!r}: {str(err).splitlines()[0]}") from None
+        raise UserError(f"cannot load a model config from {model.path!r}: {str(err).splitlines()[0]}", key="model.path") from None
 
 
 def check_adapter_targets(config: TrainConfig, model_config: PretrainedConfig) -> None:

@@ -119,14 +119,14 @@ def _planning_tokenizer(config: TrainConfig, dataset: datasets.Dataset) -> PreTr
     try:
         return load_tokenizer(config)
     except (OSError, ValueError) as err:
-        raise UserError(f"model.path: cannot load a tokenizer from {config.model.path!r}: {str(err).splitlines()[0]}") from None
+        raise UserError(f"cannot load a tokenizer from {config.model.path!r}: {str(err).splitlines()[0]}", key="model.path") from None
 
 
 def _checkpoint_to_resume(output_dir: Path, resume: bool) -> Path | None:
     latest = checkpoints.latest_complete_checkpoint(output_dir)
     if resume:
         if latest is None:
-            raise UserError(f"--resume: no complete checkpoint in {output_dir}")
+            raise UserError(f"no complete checkpoint in {output_dir}", key="--resume")
         return latest
     if latest is not None and run_folder.read_status(output_dir) is None:
         raise UserError(

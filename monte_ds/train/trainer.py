@@ -17,6 +17,7 @@ pipeline; what some of them need from a trainer is here too:
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,30 +30,42 @@ from peft.optimizers import create_loraplus_optimizer
 from peft.tuners.adalora import AdaLoraModel
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
-from trl import SFTTrainer
+from trl import SFTConfig, SFTTrainer
 
 from monte_ds.errors import UserError
 from monte_ds.monteclora import load_sampler_state, monteclora_layers, monteclora_losses, sampler_state
+from monte_ds.monteclora.engine import REGULARISER_TERMS
+from monte_ds.run_folder import CHECKPOINT_ADALORA_STATE
 from monte_ds.train import checkpoints
 from monte_ds.train.model import keep_trainable_fp32
 
 logger = logging.getLogger(__name__)
 
-REGULARISER_TERMS = ("kl_gaussian", "kl_wishart", "kl_dirichlet", "cooperative")
 REGULARISER_TOTAL = "regulariser"
 ORTHOGONALITY = "orthogonality"
-ADALORA_STATE_NAME = "adalora_allocator.pt"
 
 
 class MonteCLoRATrainer(SFTTrainer):
     """`SFTTrainer` with MonteCLoRA's regulariser, logging, resumable noise and safe checkpoints."""
 
     def __init__(
-        self, *args: Any, loraplus_lr_ratio: float | None = None, loraplus_lr_embedding: float = 1e-6, **kwargs: Any
+        self,
+        model: Any = None,
+        args: SFTConfig | None = None,
+        *rest: Any,
+        loraplus_lr_ratio: float | None = None,
+        loraplus_lr_embedding: float = 1e-6,
+        **kwargs: Any,
     ) -> None:
         self.loraplus_lr_ratio = loraplus_lr_ratio
         self.loraplus_lr_embedding = loraplus_lr_embedding
-        super().__init__(*args, **kwargs)
+        # The Trainer rotates checkpoints before the new one is complete: its copy of the arguments
+        # keeps none, and `_save_checkpoint` rotates to `save_total_limit` once the new one is.
+        self.save_total_limit = None if args is None else args.save_total_limit
+        if self.save_total_limit is not None:
+            args = copy.copy(args)
+            args.save_total_limit = None
+        super().__init__(model, args, *rest, **kwargs)
         self.is_monteclora = next(monteclora_layers(self.model), None) is not None
         self.adalora = _adalora_tuner(self.model)
         self.adalora_budget = AdaLoraBudget(self.adalora) if self.adalora is not None else None
@@ -138,13 +151,8 @@ class MonteCLoRATrainer(SFTTrainer):
     def _save_checkpoint(self, model, trial) -> None:
         if self.diverged:
             return  # a diverged model is not worth resuming from
-        # Rotation deletes older checkpoints: it must wait until the new one is complete.
-        limit, self.args.save_total_limit = self.args.save_total_limit, None
-        try:
-            with _unpruned(self.adalora):
-                super()._save_checkpoint(model, trial)
-        finally:
-            self.args.save_total_limit = limit
+        with _unpruned(self.adalora):
+            super()._save_checkpoint(model, trial)  # rotates nothing (see __init__)
         run_dir = Path(self._get_output_dir(trial=trial))
         checkpoint = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         if self.is_monteclora and self.args.should_save:
@@ -153,17 +161,17 @@ class MonteCLoRATrainer(SFTTrainer):
             checkpoints.write_sampler_state(checkpoint, sampler_state(self.model))
         if self.adalora is not None and self.args.should_save:
             # Identical on every rank: the allocator reads the all-reduced gradients.
-            torch.save(_allocator_state(self.adalora), checkpoint / ADALORA_STATE_NAME)
+            torch.save(_allocator_state(self.adalora), checkpoint / CHECKPOINT_ADALORA_STATE)
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             checkpoints.mark_complete(checkpoint, self.state.global_step)
-            rotate_checkpoints(str(run_dir), limit, self.state.best_model_checkpoint, use_mtime=True)
+            rotate_checkpoints(str(run_dir), self.save_total_limit, self.state.best_model_checkpoint, use_mtime=True)
 
     def train(self, resume_from_checkpoint: str | None = None, **kwargs: Any):
         if resume_from_checkpoint is not None and self.is_monteclora:
             load_sampler_state(self.model, checkpoints.read_sampler_state(Path(resume_from_checkpoint)))
         if resume_from_checkpoint is not None and self.adalora_budget is not None:
-            self.adalora_budget.resume_from = Path(resume_from_checkpoint) / ADALORA_STATE_NAME
+            self.adalora_budget.resume_from = Path(resume_from_checkpoint) / CHECKPOINT_ADALORA_STATE
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
 
@@ -236,7 +244,7 @@ def _orthogonality(tuner: AdaLoraModel) -> torch.Tensor:
 def _unpruned(tuner: AdaLoraModel | None) -> Iterator[None]:
     """peft saves an AdaLoRA adapter cut to its rank pattern: right for inference, but a resumed
     run goes on training the full matrices, so checkpoints hold them (the pattern is in
-    ADALORA_STATE_NAME)."""
+    CHECKPOINT_ADALORA_STATE)."""
     if tuner is None:
         yield
         return

@@ -1,8 +1,9 @@
-"""JSON schema of the training config, and one-line errors that name the offending key.
+"""JSON schemas derived from dataclasses, and validation errors that name the offending key.
 
-The `training` section is TRL's `SFTConfig` and the `adapter` section is `MonteCLoRAConfig`:
-their schemas are derived from the dataclasses' annotations, so a new TRL or core field is
-accepted without editing this file, and a misspelt one is rejected with the key's name.
+The training config's `training` section is TRL's `SFTConfig`, its `adapter` section
+`MonteCLoRAConfig`, and its `eval` section (and `evaluate(**options)`) `EvalOptions`: each schema
+is derived from the dataclass's annotations, so a new TRL or core field is accepted without
+editing this file, and a misspelt one is rejected with the key's name.
 """
 
 from __future__ import annotations
@@ -53,40 +54,52 @@ def annotation_schema(hint: Any) -> dict[str, Any]:
     return {}
 
 
-def dataclass_schema(cls: type, exclude: Iterable[str] = ()) -> dict[str, Any]:
-    """An object schema with one property per dataclass field (minus `exclude`), nothing else."""
+def dataclass_schema(cls: type, exclude: Iterable[str] = (), documented: bool = False) -> dict[str, Any]:
+    """An object schema with one property per dataclass field (minus `exclude`), nothing else.
+
+    A field's `metadata["bounds"]` (e.g. `{"minimum": 1}`) joins its schema; `documented` adds each
+    field's default and `metadata["help"]` (for a schema that doubles as the options' reference).
+    """
     hints = typing.get_type_hints(cls)
-    excluded = set(exclude)
-    properties = {f.name: annotation_schema(hints[f.name]) for f in dataclasses.fields(cls) if f.name not in excluded}
+    properties = {}
+    for f in dataclasses.fields(cls):
+        if f.name in exclude:
+            continue
+        properties[f.name] = {**annotation_schema(hints[f.name]), **f.metadata.get("bounds", {})}
+        if documented:
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            properties[f.name].update(default=default, description=f.metadata.get("help", ""))
     return {"type": "object", "properties": properties, "additionalProperties": False}
 
 
-def validate(instance: Any, schema: dict[str, Any], root: str = "") -> None:
-    """Raise `UserError("<dotted.key>: <problem>")` for the most relevant violation, if any."""
+def validate(instance: Any, schema: dict[str, Any]) -> None:
+    """Raise a `UserError` naming the dotted key of the most relevant violation, if any."""
     errors = jsonschema.Draft202012Validator(schema).iter_errors(instance)
     error = jsonschema.exceptions.best_match(errors)
     if error is not None:
-        raise UserError(describe(error, root))
+        key, problem = describe(error)
+        raise UserError(problem, key=key)
 
 
-def describe(error: jsonschema.ValidationError, root: str = "") -> str:
-    path = ".".join([root] * bool(root) + [str(part) for part in error.absolute_path])
+def describe(error: jsonschema.ValidationError) -> tuple[str, str]:
+    """(dotted key, problem) of a violation, in words a config author reads."""
+    path = ".".join(str(part) for part in error.absolute_path)
     if error.validator == "additionalProperties":
         known = sorted(error.schema.get("properties", {}))
         unknown = sorted(set(error.instance) - set(known))[0]
         close = difflib.get_close_matches(unknown, known, n=1, cutoff=SUGGESTION_CUTOFF)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        return f"{_join(path, unknown)}: unknown key{hint}"
+        return _join(path, unknown), f"unknown key{hint}"
     if error.validator == "required":
         missing = next(key for key in error.validator_value if key not in error.instance)
-        return f"{_join(path, missing)}: required"
+        return _join(path, missing), "required"
     if error.validator in ("type", "anyOf", "oneOf"):
         expected = _expected_types(error.schema)
         if expected:
-            return f"{path}: expected {expected}, got {json.dumps(error.instance)}"
+            return path, f"expected {expected}, got {json.dumps(error.instance)}"
     if error.validator == "enum":
-        return f"{path}: {_enum_problem(error.validator_value, error.instance)}"
-    return f"{path}: {error.message}"
+        return path, _enum_problem(error.validator_value, error.instance)
+    return path, error.message
 
 
 def _enum_problem(choices: list[Any], value: Any) -> str:
