@@ -1,5 +1,5 @@
-"""A corpus of bad inputs to `monte-ds train` and `monte-ds eval` (config, training data, evaluation
-data), each run through the command line: exit code 2, exactly one line on stderr naming the
+"""A corpus of bad inputs to `monte-ds train` and `monte-ds eval` (flags, config, training data,
+evaluation data), each run through the command line: exit code 2, exactly one line on stderr naming the
 problem, no traceback, and nothing written (the output directory absent, or byte-identical when
 it held an earlier run).
 
@@ -91,6 +91,13 @@ CASES = {
         "train", "eval.suites: unknown suite or task 'nope'", sets=('eval={"suites": ["nope"]}',), earlier_run=True
     ),
     "config-unfinished-run": Case("train", "holds an unfinished run (latest checkpoint-2); pass --resume", earlier_run=True),
+    # -- flags: every command answers a bad flag the same way (monte_ds.flags) -----------------------
+    "train-unknown-flag": Case("train", "monte-ds: error: unrecognized arguments: --learning-rate 1e-4",
+                               args=("--learning-rate", "1e-4")),
+    "eval-unknown-flag": Case("eval", "monte-ds: error: unrecognized arguments: --learning-rate 1e-4",
+                              args=("--learning-rate", "1e-4")),
+    "train-bad-flag-value": Case("train", "monte-ds: error: argument --local_rank/--local-rank: invalid int value: 'one'",
+                                 args=("--local-rank", "one")),
     # -- training data ----------------------------------------------------------------------------
     "train-unparseable-line": Case(
         "train", "data: {dir}/train.jsonl line 3: not valid JSON (Expecting value, column 35) (1 of 4 rows bad",

@@ -22,7 +22,9 @@ from monte_ds import (
     sampler_state,
     save_adapter,
 )
+from monte_ds.errors import InputError
 from monte_ds.monteclora.engine import adapter_key
+from monte_ds.monteclora.io import LEGACY_SAMPLER_JSON, SAMPLER_JSON
 from monte_ds.monteclora.layer import MonteCLoRALinearA
 from monte_ds.monteclora.math import STREAM_DIRICHLET, STREAM_TRAIN, dirichlet_sample, draw_bartlett, seeded_generator, stream_seed
 from tests.conftest import QUANTIZATIONS, VOCAB, tiny_config
@@ -89,7 +91,8 @@ def test_unsupported_layer_type_names_the_module(load_base):
 
 
 def test_targets_matching_nothing_are_an_error(load_base):
-    with pytest.raises(ValueError):
+    """monte-ds's own check names the entry (peft's "not found in the base model" would also be a ValueError)."""
+    with pytest.raises(ValueError, match=r"^target_modules: 'no_such_proj' matched no module"):
         get_monteclora_model(load_base(), MonteCLoRAConfig(target_modules=["no_such_proj"]))
 
 
@@ -323,7 +326,7 @@ def test_save_load_round_trip_is_exact(load_base, input_ids, tmp_path, quantizat
             layer.wishart_log_scale.normal_(generator=torch.Generator().manual_seed(layer.layer_index))
     train_logits(model, input_ids)
     save_adapter(model, tmp_path / "adapter")
-    saved = json.loads((tmp_path / "adapter" / "sampler_state.json").read_text())
+    saved = json.loads((tmp_path / "adapter" / SAMPLER_JSON).read_text())
     assert saved == sampler_state(model) == {"seed": 0, "forward_index": 1}
     loaded = load_adapter(load_base(quantization), tmp_path / "adapter")
     for ours, theirs in zip(monteclora_layers(model), monteclora_layers(loaded)):
@@ -337,14 +340,24 @@ def test_save_load_round_trip_is_exact(load_base, input_ids, tmp_path, quantizat
 
 
 def test_loading_a_folder_that_is_not_an_adapter_names_what_is_missing(load_base, tmp_path):
-    from monte_ds.errors import UserError
-
-    with pytest.raises(UserError, match="missing adapter_model.safetensors, monteclora_config.json"):
+    with pytest.raises(InputError, match="missing adapter_model.safetensors, monteclora_config.json, monteclora_sampler.json") as caught:
         load_adapter(load_base(), tmp_path)
+    assert caught.value.key == str(tmp_path)
 
 
-def test_vocab_constant_matches_fixture():
-    assert tiny_config().vocab_size == VOCAB
+def test_adapters_saved_with_the_earlier_sampler_file_name_still_load(load_base, input_ids, tmp_path):
+    model = build(load_base)
+    train_logits(model, input_ids)
+    save_adapter(model, tmp_path / "adapter")
+    (tmp_path / "adapter" / SAMPLER_JSON).rename(tmp_path / "adapter" / LEGACY_SAMPLER_JSON)
+    loaded = load_adapter(load_base(), tmp_path / "adapter")
+    assert sampler_state(loaded) == sampler_state(model) == {"seed": 0, "forward_index": 1}
+
+
+def test_the_fixture_inputs_fit_the_saved_tiny_model(load_base, input_ids):
+    """`input_ids` are drawn below VOCAB: the checkpoint the tests load must embed exactly that many tokens."""
+    assert load_base().get_input_embeddings().num_embeddings == VOCAB
+    assert 0 <= int(input_ids.min()) and int(input_ids.max()) < VOCAB
 
 
 def test_zero_sample_scaler_is_plain_lora_with_regularisers(load_base, input_ids):

@@ -7,6 +7,11 @@ import torch
 from torch.distributions import Dirichlet, MultivariateNormal, kl_divergence
 
 from monte_ds.monteclora.math import (
+    STREAM_DIRICHLET,
+    STREAM_INIT,
+    STREAM_PREDICTIVE,
+    STREAM_PREDICTIVE_DIRICHLET,
+    STREAM_TRAIN,
     draw_bartlett,
     dirichlet_rsample,
     kl_dirichlet,
@@ -137,7 +142,9 @@ def test_batched_kl_terms_equal_the_per_row_terms():
 
 
 def test_stream_seed_separates_every_key():
-    seeds = {stream_seed(seed, rank, 0, step, layer) for seed in range(3) for rank in range(3)
-             for step in range(5) for layer in range(7)}
-    assert len(seeds) == 3 * 3 * 5 * 7
+    streams = (STREAM_TRAIN, STREAM_DIRICHLET, STREAM_INIT, STREAM_PREDICTIVE, STREAM_PREDICTIVE_DIRICHLET)
+    assert len(set(streams)) == len(streams)  # each use of randomness has its own tag
+    seeds = {stream_seed(seed, rank, stream, step, layer) for seed in range(3) for rank in range(3)
+             for stream in streams for step in range(5) for layer in range(7)}
+    assert len(seeds) == 3 * 3 * len(streams) * 5 * 7
     assert stream_seed(1, 2, 3) == stream_seed(1, 2, 3)

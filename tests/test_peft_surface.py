@@ -128,7 +128,7 @@ def test_zero3_persistence_threshold_covers_the_largest_rank(tmp_path):
 
 def test_wishart_df_is_checked_against_the_largest_rank():
     MonteCLoRAConfig(r=4, rank_pattern={"q_proj": 16}, wishart_df=16)
-    with pytest.raises(ValueError, match=r"wishart_df must be null or >= the largest rank \(16\), got 8"):
+    with pytest.raises(ValueError, match=r"^wishart_df: must be null or >= the largest rank \(16\), got 8$"):
         MonteCLoRAConfig(r=4, rank_pattern={"q_proj": 16}, wishart_df=8)
 
 
@@ -141,7 +141,7 @@ def test_train_fine_tunes_causal_lms_and_records_the_task_type(tmp_path):
 
 def test_eva_must_keep_the_ranks():
     MonteCLoRAConfig(init_lora_weights="eva", eva_config={"rho": 1})
-    with pytest.raises(ValueError, match="eva_config must be {'rho': 1} with init_lora_weights 'eva'"):
+    with pytest.raises(ValueError, match="^eva_config: must be {'rho': 1} with init_lora_weights 'eva'"):
         MonteCLoRAConfig(init_lora_weights="eva")
 
 

@@ -70,8 +70,9 @@ def check_settings(sweep: Sweep) -> None:
     path = sweep.output / SETTINGS_JSON
     if path.exists() and json.loads(path.read_text()) != sweep.settings():
         raise UserError(
-            f"--output: {sweep.output} holds runs made with another base config or --set overrides "
-            f"(see {path}); use a new --output"
+            f"{sweep.output} holds runs made with another base config or --set overrides "
+            f"(see {path}); use a new --output",
+            key="--output",
         )
 
 

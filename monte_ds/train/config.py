@@ -252,7 +252,7 @@ def apply_override(config: dict[str, Any], override: str) -> None:
     for depth, part in enumerate(parts[:-1]):
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise UserError(f"--set {override}: {'.'.join(parts[: depth + 1])} is not an object")
+            raise UserError(f"{'.'.join(parts[: depth + 1])} is not an object", key=f"--set {override}")
         node = child
     node[parts[-1]] = value
 
@@ -261,12 +261,12 @@ def validate_config(raw: dict[str, Any]) -> TrainConfig:
     """Check `raw` against the schema and the rules the schema cannot say; fill the defaults."""
     training = raw.get("training")
     for key in TRAINING_OWNED.keys() & (training.keys() if isinstance(training, dict) else set()):
-        raise UserError(f"training.{key}: not set here; {TRAINING_OWNED[key]}")
+        raise UserError(f"not set here; {TRAINING_OWNED[key]}", key=f"training.{key}")
     full_schema = config_schema()
     adapter = raw.get("adapter")
     offered = full_schema["properties"]["adapter"]["properties"]
     for key in sorted(LORA_FIELDS & set(adapter) - set(offered)) if isinstance(adapter, dict) else ():
-        raise UserError(f"adapter.{key}: peft's LoraConfig option {key!r} is not offered with MonteCLoRA (see docs/training.md)")
+        raise UserError(f"peft's LoraConfig option {key!r} is not offered with MonteCLoRA (see docs/training.md)", key=f"adapter.{key}")
     schema.validate(raw, full_schema)
     model = ModelSection(**raw["model"])
     quantization = QuantizationSection(**raw.get("quantization", {}))
@@ -293,8 +293,9 @@ def validate_config(raw: dict[str, Any]) -> TrainConfig:
         raise UserError("there is no evaluation set during training; the eval section evaluates after it", key="training.eval_strategy")
     if method == "monteclora" and training.get("label_smoothing_factor", 0) > 0:
         raise UserError(
-            "training.label_smoothing_factor: not supported with MonteCLoRA (TRL runs a second "
-            "training forward for it, which would draw different noise)"
+            "not supported with MonteCLoRA (TRL runs a second "
+            "training forward for it, which would draw different noise)",
+            key="training.label_smoothing_factor",
         )
     if fsdp is not None and quantization.enabled and quantization.quant_storage == "uint8":
         raise UserError("FSDP2 shards only floating-point storage; use bfloat16", key="quantization.quant_storage")
@@ -350,8 +351,9 @@ def _checked_deepspeed(deepspeed: dict[str, Any], adapter: MonteCLoRAConfig) -> 
         raise UserError("must be 0, 1, 2 or 3", key="distributed.deepspeed.zero_optimization.stage")
     if "optimizer" in deepspeed:
         raise UserError(
-            "distributed.deepspeed.optimizer: leave the optimizer to training.optim (torch optimizers "
-            "work everywhere; DeepSpeed's compiled ones need its ops built)"
+            "leave the optimizer to training.optim (torch optimizers "
+            "work everywhere; DeepSpeed's compiled ones need its ops built)",
+            key="distributed.deepspeed.optimizer",
         )
     if zero.get("stage") != 3:
         return deepspeed

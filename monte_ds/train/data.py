@@ -151,8 +151,9 @@ def load_source(
         if local.is_dir():
             if not any((local / name).is_file() for name in SAVED_DATASET_FILES):
                 raise UserError(
-                    f"data.path: {path} is a directory but not a saved dataset ({' or '.join(SAVED_DATASET_FILES)}); "
-                    f"point data.path at a data file ({', '.join(BUILDERS)})"
+                    f"{path} is a directory but not a saved dataset ({' or '.join(SAVED_DATASET_FILES)}); "
+                    f"point data.path at a data file ({', '.join(BUILDERS)})",
+                    key="data.path",
                 )
             saved = datasets.load_from_disk(str(local))
             return (saved[split] if isinstance(saved, datasets.DatasetDict) else saved), Source(path)
@@ -162,8 +163,9 @@ def load_source(
     except (OSError, ValueError, KeyError, datasets.exceptions.DatasetNotFoundError) as err:
         if not local.exists() and huggingface_hub.is_offline_mode():
             raise UserError(
-                f"data.path: {path!r} is not a local file or folder, and the hub is offline (HF_HUB_OFFLINE=1) "
-                "with no cached copy of it"
+                f"{path!r} is not a local file or folder, and the hub is offline (HF_HUB_OFFLINE=1) "
+                "with no cached copy of it",
+                key="data.path",
             ) from None
         raise UserError(f"cannot load {path!r}: {_first_line(err)}", key="data.path") from None
 
@@ -263,8 +265,9 @@ def detect_format(columns: list[str]) -> str:
     if "text" in columns:
         return "text"
     raise UserError(
-        f"data: cannot tell the format from the columns {columns}; expected instruction/input/output "
-        "(alpaca), messages, prompt/completion or text (or set data.format)"
+        f"cannot tell the format from the columns {columns}; expected instruction/input/output "
+        "(alpaca), messages, prompt/completion or text (or set data.format)",
+        key="data",
     )
 
 
@@ -476,8 +479,9 @@ def _report_bad_rows(
     where, problem = bad[0]
     if on_bad_rows == "error":
         raise UserError(
-            f"data: {name} {where}: {problem} ({count} of {total} rows bad; "
-            'set data.on_bad_rows="skip" to train without them)'
+            f"{name} {where}: {problem} ({count} of {total} rows bad; "
+            'set data.on_bad_rows="skip" to train without them)',
+            key="data",
         )
     if count == total:
         raise UserError(f"every row of {name} is bad, nothing to train on ({where}: {problem})", key="data")
@@ -527,8 +531,9 @@ def check_trainable_tokens(
     else:
         reason = "every sequence is empty"
     raise UserError(
-        f"data: no row of {source.name} has a trainable token after templating and truncation to "
-        f"training.max_length={args.max_length} ({reason}); raise training.max_length or shorten the prompts"
+        f"no row of {source.name} has a trainable token after templating and truncation to "
+        f"training.max_length={args.max_length} ({reason}); raise training.max_length or shorten the prompts",
+        key="data",
     )
 
 

@@ -120,7 +120,7 @@ def check_method_options(method: str, section: Mapping[str, Any]) -> None:
     for key in sorted(section):
         if key not in accepted and key not in MONTECLORA_ONLY:
             takes = ", ".join(sorted(accepted)) or "no adapter options"
-            raise UserError(f"adapter.{key}: not an option of method {method!r} (it takes: {takes})")
+            raise UserError(f"not an option of method {method!r} (it takes: {takes})", key=f"adapter.{key}")
     ignored = sorted(key for key in section if key not in accepted)
     if ignored:
         logger.warning("adapter: method %r ignores the MonteCLoRA settings %s", method, ", ".join(ignored))
@@ -148,7 +148,8 @@ def check_method_setup(method: str, quantized: bool, shards_parameters: bool) ->
         raise UserError(f"peft's {method} has no bitsandbytes layers; use none", key="quantization.mode")
     if shards_parameters and method == "adalora":
         raise UserError(
-            "distributed: AdaLoRA's rank allocation reads whole weights and gradients, which ZeRO-3 and FSDP shard"
+            "AdaLoRA's rank allocation reads whole weights and gradients, which ZeRO-3 and FSDP shard",
+            key="distributed",
         )
 
 

@@ -130,8 +130,9 @@ def _checkpoint_to_resume(output_dir: Path, resume: bool) -> Path | None:
         return latest
     if latest is not None and run_folder.read_status(output_dir) is None:
         raise UserError(
-            f"training.output_dir: {output_dir} holds an unfinished run (latest {latest.name}); "
-            "pass --resume to continue it, or choose another output_dir"
+            f"{output_dir} holds an unfinished run (latest {latest.name}); "
+            "pass --resume to continue it, or choose another output_dir",
+            key="training.output_dir",
         )
     return None
 

@@ -215,8 +215,9 @@ class AdaLoraBudget(TrainerCallback):
         config = self.tuner.peft_config[self.tuner.trainable_adapter_name]
         if config.tinit >= state.max_steps - config.tfinal:
             raise UserError(
-                f"adapter.tinit: AdaLoRA needs steps to prune ranks in: tinit ({config.tinit}) + tfinal "
-                f"({config.tfinal}) must be below the run's {state.max_steps} steps"
+                f"AdaLoRA needs steps to prune ranks in: tinit ({config.tinit}) + tfinal "
+                f"({config.tfinal}) must be below the run's {state.max_steps} steps",
+                key="adapter.tinit",
             )
         self.tuner.rankallocator.set_total_step(state.max_steps)
 
