@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from peft import PeftModel
+from peft.utils import CONFIG_NAME as PEFT_CONFIG
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
 
 from monte_ds import load_adapter
@@ -19,7 +20,6 @@ from monte_ds.monteclora.io import CONFIG_NAME as MONTECLORA_CONFIG
 
 logger = logging.getLogger(__name__)
 
-PEFT_CONFIG = "adapter_config.json"
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

@@ -10,9 +10,10 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from monte_ds.errors import UserError
+from monte_ds.monteclora.engine import REGULARISER_TERMS
 
 # What the trainer logs and the report plots: the task loss and each regulariser term.
-TRAINING_SERIES = ("loss", "kl_gaussian", "kl_wishart", "kl_dirichlet", "cooperative")
+TRAINING_SERIES = ("loss", *REGULARISER_TERMS)
 
 
 def read_log_history(path: str | Path) -> list[dict[str, Any]]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime
 import importlib.metadata
 import json
-import math
 import platform
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 from lm_eval.utils import handle_non_serializable
 from matplotlib.figure import Figure
 
-from monte_ds.atomic import atomic_directory
+from monte_ds.atomic import atomic_directory, finite_or_null
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -165,13 +164,6 @@ def _number(value: Any) -> str:
 
 
 def _json_safe(value: Any) -> Any:
-    """Plain JSON: numpy scalars as numbers, NaN/inf as null, functions and classes as strings."""
-    if isinstance(value, dict):
-        return {str(key): _json_safe(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(item) for item in value]
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    return _json_safe(handle_non_serializable(value))
+    """Plain JSON: numpy scalars as numbers, functions and classes as strings (lm-eval's own
+    conversion), NaN/inf as null (as in every JSON file monte-ds writes)."""
+    return finite_or_null(json.loads(json.dumps(value, default=handle_non_serializable)))

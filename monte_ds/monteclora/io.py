@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+from peft.utils import SAFETENSORS_WEIGHTS_NAME
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -22,7 +23,7 @@ from monte_ds.monteclora.layer import EXTRA_PARAMS
 from monte_ds.monteclora.model import get_monteclora_model, monteclora_engine
 from monte_ds.monteclora.sampler import data_parallel_rank
 
-WEIGHTS_NAME = "adapter_model.safetensors"
+WEIGHTS_NAME = SAFETENSORS_WEIGHTS_NAME  # peft's: the export loads with PeftModel.from_pretrained
 CONFIG_NAME = "monteclora_config.json"
 SAMPLER_JSON = "monteclora_sampler.json"  # the noise counter: the same file in a training checkpoint
 LEGACY_SAMPLER_JSON = "sampler_state.json"  # its name in adapters saved before; still read

@@ -1,18 +1,20 @@
-"""Box plots of a sweep, one PNG per (task, metric) with the methods side by side (paper Figs. 4-6)."""
+"""Box plots of a sweep, one PNG per (task, metric) with the methods side by side (paper Figs. 4-6).
+
+Drawn on a bare matplotlib `Figure` (no pyplot state, no backend to choose) and written atomically.
+"""
 
 from __future__ import annotations
 
+import io
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
-import numpy as np  # noqa: E402
-
-from monte_ds.sweep.stats import Score  # noqa: E402
+from monte_ds.atomic import atomic_write_bytes
+from monte_ds.sweep.stats import Score
 
 _UNSAFE_FILE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -36,7 +38,8 @@ def box_plot(
     """Boxes of the finished runs, every run drawn as a point; failed runs are counted under each box."""
     methods = list(scores_by_method)
     finished = [[s for s in scores_by_method[m] if s is not None] for m in methods]
-    figure, axes = plt.subplots(figsize=(1.6 + 1.4 * len(methods), 3.6))
+    figure = Figure(figsize=(1.6 + 1.4 * len(methods), 3.6))
+    axes = figure.subplots()
     positions = np.arange(1, len(methods) + 1)
     drawn = [(pos, values) for pos, values in zip(positions, finished) if values]
     if drawn:
@@ -60,8 +63,6 @@ def box_plot(
     axes.set_title(task)
     axes.grid(axis="y", alpha=0.3)
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    figure.savefig(tmp, dpi=110, format="png")
-    plt.close(figure)
-    tmp.replace(path)
+    png = io.BytesIO()
+    figure.savefig(png, dpi=110, format="png")
+    atomic_write_bytes(path, png.getvalue())
