@@ -297,6 +297,24 @@ def test_regulariser_is_scaled_like_the_task_loss_under_accumulation(tmp_path, t
     assert concentration and all(expected[n].abs().sum() > 0 for n in concentration)
 
 
+def test_checkpoints_rotate_once_complete_and_the_arguments_stay_as_given(tmp_path, tiny_base):
+    """The trainer keeps `save_total_limit` complete checkpoints, rotating after the new one is
+    marked complete, and leaves the arguments it was given untouched."""
+    config = load_config(write_config(
+        tmp_path, tiny_base, data={"max_samples": 4},
+        training={"max_steps": 3, "save_steps": 1, "save_total_limit": 2, "per_device_train_batch_size": 2},
+    ))
+    args = training_arguments(config)
+    model = attach_adapter(load_base_model(config, torch.device("cpu"), sharded=False), config, args.seed, False, None)
+    dataset = prepare_dataset(load_training_data(DATA), max_samples=4)
+    trainer = MonteCLoRATrainer(model=model, args=args, train_dataset=dataset, processing_class=AutoTokenizer.from_pretrained(tiny_base))
+    trainer.train()
+    assert args.save_total_limit == 2
+    out = config.output_dir
+    assert [p.name for p in checkpoints.checkpoint_dirs(out)] == ["checkpoint-2", "checkpoint-3"]
+    assert all(checkpoints.is_complete(p) for p in checkpoints.checkpoint_dirs(out))
+
+
 # -- two ranks (slow) -------------------------------------------------------------------------------
 WORKER = '''
 """One rank of the real recipe; records, per rank, the gathered adapter and the first step's regulariser."""
