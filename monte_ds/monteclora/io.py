@@ -24,6 +24,7 @@ from monte_ds.monteclora.model import get_monteclora_model, monteclora_engine
 from monte_ds.monteclora.sampler import data_parallel_rank
 
 WEIGHTS_NAME = SAFETENSORS_WEIGHTS_NAME  # peft's: the export loads with PeftModel.from_pretrained
+# Not config.json: that name is a run folder's whole training config and, to transformers, a model's.
 CONFIG_NAME = "monteclora_config.json"
 SAMPLER_JSON = "monteclora_sampler.json"  # the noise counter: the same file in a training checkpoint
 LEGACY_SAMPLER_JSON = "sampler_state.json"  # its name in adapters saved before; still read
