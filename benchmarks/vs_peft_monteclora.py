@@ -1,5 +1,6 @@
 """Audit: monte-ds's MonteCLoRA against peft's built-in variant (peft >= 0.20), on the points
-DESIGN.md lists. Each row is *measured* on the installed peft, not asserted from its source.
+where docs/math.md says implementations differ. Each row is *measured* on the installed peft,
+not asserted from its source.
 
     python benchmarks/vs_peft_monteclora.py [--json PATH]
 
