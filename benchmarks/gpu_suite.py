@@ -9,7 +9,8 @@ Steps, each recorded as it finishes (a failing step is recorded and the next one
    noise, bf16 autocast keeps the regulariser in fp32);
 2. `overhead-1b-bf16` / `overhead-1b-nf4`: benchmarks/overhead.py on a ~1B LLaMA-architecture model
    (random weights) in bf16 and on an nf4 base: step time, peak memory, aten ops and CUDA kernels
-   per step, LoRA vs monte-ds;
+   per step, LoRA vs monte-ds; `overhead-1b-bf16-sync` the same with the in-step draw instead of
+   the side stream (`sampler: auto`'s choice on CUDA should be the faster of the two);
 3. `launch-bound`: the launch-bound preset (hidden 64, 32 layers) on the device;
 4. `llama7b-qlora`: LLaMA-7B architecture, nf4, gradient checkpointing, batch 1x512: peak memory and
    step time, LoRA vs monte-ds, and whether MonteCLoRA fits a 24 GB card.
@@ -65,6 +66,9 @@ _TINY = ["--hidden-size", "32", "--intermediate-size", "64", "--num-layers", "1"
 OVERHEAD_STEPS = [
     OverheadStep("overhead-1b-bf16", _1B, _TINY, 150),
     OverheadStep("overhead-1b-nf4", [*_1B, "--load-in-4bit"], [*_TINY, "--load-in-4bit"], 150),
+    # the in-step draw on the same GPU: `sampler: auto` should pick the faster of this and the side stream
+    OverheadStep("overhead-1b-bf16-sync", [*_1B, "--sampler", "sync", "--methods", "lora,monte-ds"],
+                 [*_TINY, "--sampler", "sync"], 120),
     OverheadStep("launch-bound", ["--preset", "launch-bound", "--num-layers", "32", "--rounds", "2"],
                  ["--preset", "launch-bound", "--num-layers", "2", "--rounds", "1", "--steps", "2",
                   "--warmup-steps", "1", "--methods", "lora,monte-ds"], 90),

@@ -70,7 +70,14 @@ def test_three_methods_interleaved_in_fresh_processes(tmp_path):
     assert monte["sampled_layers"] == ADAPTED_PER_DECODER_LAYER
     # monte-ds adds ln v (r) and ln alpha (N = 4) per layer on top of LoRA's A and B
     assert monte["trainable_parameters"] == lora["trainable_parameters"] + ADAPTED_PER_DECODER_LAYER * (4 + 4)
-    assert report["settings"]["rank"] == 4 and report["settings"]["sampler"] == "async"
+    assert report["settings"]["rank"] == 4 and report["settings"]["sampler"] == "auto"
+    # op counts from the profiler: monte-ds adds ops, some of them metadata-only, some in the optimizer
+    assert monte["aten_ops_per_step"] > lora["aten_ops_per_step"] > lora["launching_aten_ops_per_step"] > 0
+    assert 0 < monte["extra_launching_aten_ops_per_adapted_layer"] < monte["extra_aten_ops_per_adapted_layer"]
+    assert monte["extra_aten_ops_per_adapted_layer"] == pytest.approx(
+        (monte["aten_ops_per_step"] - lora["aten_ops_per_step"]) / ADAPTED_PER_DECODER_LAYER
+    )
+    assert monte["optimizer_aten_ops_per_step"] > lora["optimizer_aten_ops_per_step"] > 0  # ln v, ln alpha
     assert report["environment"]["peft"]
     assert len(report["environment"]["load_average_before"]) == 3
 
@@ -87,6 +94,13 @@ def test_4bit_base_gradient_checkpointing_and_sync_sampler_reach_the_workers(tmp
         check_method(row, measured_steps=2, rounds=1)
     # the noise is applied on the quantized base too
     assert report["methods"]["monte-ds"]["sampled_layers"] == ADAPTED_PER_DECODER_LAYER
+
+
+def test_launch_bound_preset_sets_defaults_that_explicit_flags_override(overhead):
+    args = overhead.parse_args(["--preset", "launch-bound", "--num-layers", "8", "--rank", "4"])
+    assert (args.hidden_size, args.batch_size, args.seq_len, args.threads) == (64, 1, 16, 1)
+    assert (args.num_layers, args.rank) == (8, 4)  # given explicitly: the preset does not override them
+    assert overhead.parse_args([]).hidden_size == 512
 
 
 @pytest.fixture

@@ -18,9 +18,10 @@ def test_smoke_suite_runs_every_step_and_records_the_op_counts(tmp_path):
     process = subprocess.run([sys.executable, str(SUITE), "--smoke", "--out", str(tmp_path)], capture_output=True, text=True, timeout=900)
     assert process.returncode == 0, process.stderr[-3000:]
     suite = json.loads((tmp_path / "suite.json").read_text())
-    assert set(suite["steps"]) == {"cuda-tests", "overhead-1b-bf16", "overhead-1b-nf4", "launch-bound", "llama7b-qlora"}
+    overheads = {"overhead-1b-bf16", "overhead-1b-nf4", "overhead-1b-bf16-sync", "launch-bound", "llama7b-qlora"}
+    assert set(suite["steps"]) == {"cuda-tests", *overheads}
     assert "skipped" in suite["steps"]["cuda-tests"]["summary"]  # no CUDA here: every CUDA test skips
-    for name in ("overhead-1b-bf16", "overhead-1b-nf4", "launch-bound", "llama7b-qlora"):
+    for name in overheads:
         methods = suite["steps"][name]["result"]["methods"]
         assert set(methods) == {"lora", "monte-ds"}
         monte = methods["monte-ds"]
