@@ -104,7 +104,8 @@ def execute(sweep: Sweep, command_line: str, *, launch: bool = True) -> dict[str
         atomic_write_json(sweep.output / SETTINGS_JSON, sweep.settings())
     outcomes = {run.run_id: read_outcome(sweep.run_dir(run)) for run in runs}
     todo = [run for run in runs if not outcomes[run.run_id].finished] if launch else []
-    logger.info("%d runs: %d finished, %d to train", len(runs), len(runs) - len(todo), len(todo))
+    finished = sum(outcome.finished for outcome in outcomes.values())
+    logger.info("%d runs: %d finished, %d to train", len(runs), finished, len(todo))
     report = _write_report(sweep, command_line, runs, outcomes)
     for index, run in enumerate(todo, 1):
         logger.info("[%d/%d] training %s", index, len(todo), run.run_id)
