@@ -40,6 +40,7 @@ from monte_ds.errors import UserError, run_cli
 from monte_ds.monteclora.layer import EXTRA_PARAMS
 from monte_ds.monteclora.model import lora_config, monteclora_engines
 from monte_ds.train.config import load_config
+from monte_ds.train.model import check_adapter_targets, check_model_path
 from monte_ds.train.run import main
 from tests.conftest import tiny_config
 
@@ -90,6 +91,15 @@ def test_train_reports_target_problems_in_one_line_before_writing(tmp_path, gpt2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
     assert not (tmp_path / "out").exists() and not (tmp_path / "tiny-llama").exists()
+
+
+@pytest.mark.parametrize("method", ["full", "prompt_tuning"])
+def test_methods_without_targets_skip_the_target_check(tmp_path, gpt2_path, method):
+    """LLaMA's default targets match nothing on GPT-2, but these methods adapt no modules."""
+    config = load_config(write_train_config(tmp_path, gpt2_path, {"method": method}, build_tiny=False))
+    check_adapter_targets(config, check_model_path(config))
+    with pytest.raises(UserError, match="matched no module"):
+        check_adapter_targets(load_config(write_train_config(tmp_path, gpt2_path, {}, build_tiny=False)), check_model_path(config))
 
 
 def test_train_accepts_every_offered_lora_field(tmp_path):

@@ -26,7 +26,7 @@ from monte_ds.monteclora import get_monteclora_model
 from monte_ds.monteclora.targets import module_names, target_problems
 from monte_ds.tiny import build_tiny_llama, tiny_llama_config
 from monte_ds.train.config import QuantizationSection, TrainConfig
-from monte_ds.train.methods import peft_config
+from monte_ds.train.methods import ACCEPTED, peft_config
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,10 @@ def check_model_path(config: TrainConfig) -> PretrainedConfig:
 
 def check_adapter_targets(config: TrainConfig, model_config: PretrainedConfig) -> None:
     """Every adapter target must match a module of the model, built on the meta device (no
-    weights read): all the problems in one user error, before anything is written."""
+    weights read): all the problems in one user error, before anything is written. Methods that
+    target no modules (full fine-tuning, prompt tuning) have nothing to check."""
+    if "target_modules" not in ACCEPTED[config.method]:
+        return
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(model_config, trust_remote_code=config.model.trust_remote_code)
     problems = target_problems(module_names(skeleton), config.adapter)
