@@ -66,7 +66,7 @@ def full_fp32(param: torch.Tensor) -> torch.Tensor:
     return param if param.dtype == torch.float32 else param.float()
 
 
-def _gather_zero3(params: Sequence[torch.Tensor]) -> None:
+def gather_zero3(params: Sequence[torch.Tensor]) -> None:
     """Make ZeRO-3 partitioned v and alpha whole on this rank (collective: every rank runs the
     same forwards). ZeRO-3 keeps parameters under its persistence threshold whole only once it
     has traced a step; before that they are released after their module's forward."""
@@ -156,6 +156,7 @@ class _StepSpec:
     sample_scaler: float
     sparse_mixture: bool
     dirichlet_prior: float
+    alpha: torch.Tensor  # (L, N) the concentrations it was drawn from, no gradient
     mixture_sample: torch.Tensor  # (L, N) Dirichlet draw, no gradient
     draws: list[BartlettDraw]  # the partition's noise groups, in stacked order
     with_regulariser: bool
@@ -176,7 +177,7 @@ class _StepNode(torch.autograd.Function):
         partition = spec.partition
         count = len(partition.ranks)
         log_v = partition.stack_rows(params[:count], fill=0.0)  # padding: v = 1, which adds no KL
-        alpha = torch.cat(params[count:]).exp()
+        alpha = spec.alpha
         sample = spec.mixture_sample
         sqrt_v = (0.5 * log_v).exp()
         norm = None if spec.sparse_mixture else sample.norm(dim=-1, keepdim=True)  # one-hot(argmax pi): norm 1
@@ -345,14 +346,14 @@ class MonteCLoRAEngine:
         sums: list[tuple[torch.Tensor, ...]] = []
         for number, partition in enumerate(partitions):
             group_draws = [draws[g] for g in partition.groups]
-            _gather_zero3([p for layer in partition.layers for p in (layer.wishart_log_scale, layer.concentration_log)])
+            gather_zero3([p for layer in partition.layers for p in (layer.wishart_log_scale, layer.concentration_log)])
             log_v = [full_fp32(layer.wishart_log_scale) for layer in partition.layers]
             log_alpha = [full_fp32(layer.concentration_log) for layer in partition.layers]
             alpha = torch.cat(log_alpha).detach().exp()
             generator = seeded_generator(alpha.device, stream_seed(self.config.seed, self.adapter_key, self.sampler.rank, _MIXTURE_STREAM[stream], index, number))
             config = self.config
             spec = _StepSpec(partition.rows, config.sample_scaler, config.sparse_mixture, config.dirichlet_prior,
-                             dirichlet_sample(alpha, generator), group_draws, with_regulariser)
+                             alpha, dirichlet_sample(alpha, generator), group_draws, with_regulariser)
             with torch.autocast(alpha.device.type, enabled=False):
                 outputs = _StepNode.apply(spec, *log_v, *log_alpha)
             noise = [layer_noise for draw in group_draws for layer_noise in draw.noise.unbind(0)]

@@ -34,7 +34,7 @@ from trl import SFTConfig, SFTTrainer
 
 from monte_ds.errors import UserError
 from monte_ds.monteclora import load_sampler_state, monteclora_layers, monteclora_losses, sampler_state
-from monte_ds.monteclora.engine import REGULARISER_TERMS
+from monte_ds.monteclora.engine import REGULARISER_TERMS, gather_zero3
 from monte_ds.run_folder import CHECKPOINT_ADALORA_STATE
 from monte_ds.train import checkpoints
 from monte_ds.train.model import keep_trainable_fp32
@@ -176,22 +176,9 @@ class MonteCLoRATrainer(SFTTrainer):
 
 
 def _gather_zero3_sampler_parameters(model: torch.nn.Module) -> None:
-    """Make v and alpha whole on this rank until the optimizer step.
-
-    The regulariser reads them after the forward. ZeRO-3 keeps parameters under
-    `stage3_param_persistence_threshold` whole, but only once it has traced a step: during the
-    first step it releases them after their module's forward like any other. A no-op afterwards.
-    """
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-
-    released = [
-        param
-        for layer in monteclora_layers(model)
-        for param in (layer.wishart_log_scale, layer.concentration_log)
-        if getattr(param, "ds_status", None) == ZeroParamStatus.NOT_AVAILABLE
-    ]
-    if released:
-        released[0].all_gather(param_list=released)
+    """Make v and alpha whole on this rank again after the forward (ZeRO-3 releases them after
+    their module's forward until it has traced a step); a no-op afterwards."""
+    gather_zero3([p for layer in monteclora_layers(model) for p in (layer.wishart_log_scale, layer.concentration_log)])
 
 
 # -- AdaLoRA ------------------------------------------------------------------------------------
