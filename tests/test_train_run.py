@@ -474,12 +474,6 @@ def test_qlora_under_zero3_shards_a_4bit_base(two_rank_runs):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="known regression of the batched engine (issue 9, open): the first backward after a ZeRO-3 "
-    "resume fails in an AccumulateGrad (a size-0 dimension meets a size-4 one; r = N = 4 here, so which "
-    "parameter is not yet known: v, alpha and B all have one)",
-)
 def test_zero3_resume_reproduces_the_uninterrupted_run(two_rank_runs):
     """DeepSpeed checkpoints (partitioned optimizer state, per-rank RNG) plus the sampler counter."""
     launcher, override = SETUPS["zero3"]

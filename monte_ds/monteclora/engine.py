@@ -66,14 +66,22 @@ def full_fp32(param: torch.Tensor) -> torch.Tensor:
     return param if param.dtype == torch.float32 else param.float()
 
 
-def gather_zero3(params: Sequence[torch.Tensor]) -> None:
+def gather_zero3(params: Sequence[torch.Tensor], owner: torch.nn.Module | None = None) -> None:
     """Make ZeRO-3 partitioned v and alpha whole on this rank (collective: every rank runs the
-    same forwards). ZeRO-3 keeps parameters under its persistence threshold whole only once it
-    has traced a step; before that they are released after their module's forward."""
+    same forwards) and, given `owner`, keep them whole until `owner`'s backward has ended.
+
+    The step node is built in the root module's pre-hook, so its backward runs after every
+    layer's. ZeRO-3 releases a module's parameters at that module's end of backward while it
+    records its trace (the first step, after a resume, whenever the module order changes) and
+    whenever they exceed `stage3_param_persistence_threshold`: v and alpha must therefore be
+    external parameters of the root, or the node's gradients land on released partitions."""
     if not params or not hasattr(params[0], "ds_status"):
         return
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus, register_external_parameter
 
+    if owner is not None:
+        for param in params:
+            register_external_parameter(owner, param)
     released = [p for p in params if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
     if released:
         released[0].all_gather(param_list=released)
@@ -305,23 +313,23 @@ class MonteCLoRAEngine:
         """Index of the training forward in progress (or the last one)."""
         return max(self.forward_index - 1, 0)
 
-    def begin_training_forward(self) -> None:
-        """Called once per training forward of the whole model (a pre-hook on the root module),
-        never during checkpoint recomputation, which re-runs layers only."""
+    def begin_training_forward(self, root: torch.nn.Module | None = None) -> None:
+        """Called once per training forward of the whole model (a pre-hook on `root`, the module
+        whose backward ends last), never during checkpoint recomputation, which re-runs layers only."""
         self.sampler.rank = data_parallel_rank()
         index = self.forward_index
         self.forward_index += 1
         self._train = None  # the previous forward's graph is the caller's, not ours
-        self._train = self._build((STREAM_TRAIN, index), with_regulariser=True)
+        self._train = self._build((STREAM_TRAIN, index), with_regulariser=True, root=root)
 
-    def begin_eval_forward(self) -> None:
+    def begin_eval_forward(self, root: torch.nn.Module | None = None) -> None:
         """Eval forwards use the mean, or a posterior-predictive draw inside `predictive_sampling`."""
         if self.predictive_draw is None:
             return
         key = (STREAM_PREDICTIVE, self.predictive_draw)
         if self._predictive is None or self._predictive.key != key:
             self.sampler.rank = data_parallel_rank()
-            self._predictive = self._build(key, with_regulariser=False)
+            self._predictive = self._build(key, with_regulariser=False, root=root)
 
     def weight_noise(self, layer: MonteCLoRALinearA) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(row scale, noise) of `layer` in the current forward, or None where the mean is used."""
@@ -337,7 +345,7 @@ class MonteCLoRAEngine:
             return None
         return state.scales[layer.layer_index], state.noise[layer.layer_index]
 
-    def _build(self, key: tuple[int, int], with_regulariser: bool) -> _ForwardState:
+    def _build(self, key: tuple[int, int], with_regulariser: bool, root: torch.nn.Module | None = None) -> _ForwardState:
         partitions = self._layout()
         stream, index = key
         draws = self.sampler.draw(key)
@@ -346,7 +354,7 @@ class MonteCLoRAEngine:
         sums: list[tuple[torch.Tensor, ...]] = []
         for number, partition in enumerate(partitions):
             group_draws = [draws[g] for g in partition.groups]
-            gather_zero3([p for layer in partition.layers for p in (layer.wishart_log_scale, layer.concentration_log)])
+            gather_zero3([p for layer in partition.layers for p in (layer.wishart_log_scale, layer.concentration_log)], owner=root)
             log_v = [full_fp32(layer.wishart_log_scale) for layer in partition.layers]
             log_alpha = [full_fp32(layer.concentration_log) for layer in partition.layers]
             alpha = torch.cat(log_alpha).detach().exp()

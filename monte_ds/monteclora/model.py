@@ -106,9 +106,9 @@ class ForwardStart:
         if not _is_active(self.lora_layer, self.engine.adapter_name):
             return  # an inactive or disabled adapter draws nothing and its counter stays
         if module.training:
-            self.engine.begin_training_forward()
+            self.engine.begin_training_forward(root=module)
         else:
-            self.engine.begin_eval_forward()
+            self.engine.begin_eval_forward(root=module)
 
 
 def _lora_layer(model: nn.Module) -> LoraLayer:
