@@ -178,12 +178,17 @@ def test_an_option_of_another_method_or_a_bad_value_is_a_one_line_error(method, 
     assert str(error.value).startswith(message) and "\n" not in str(error.value)
 
 
+ZERO3 = str(Path(__file__).resolve().parents[1] / "configs" / "deepspeed" / "zero3.json")
+
+
 @pytest.mark.parametrize(
     ("method", "section", "message"),
     [
         ("full", {"quantization": {"mode": "nf4"}}, "quantization.mode: full fine-tuning trains every weight"),
         ("loha", {"quantization": {"mode": "nf4"}}, "quantization.mode: peft's loha has no bitsandbytes layers"),
         ("adalora", {"distributed": {"fsdp": {}}}, "distributed: AdaLoRA's rank allocation reads whole weights"),
+        ("adalora", {"distributed": {"deepspeed": ZERO3}}, "distributed: AdaLoRA's rank allocation reads whole weights"),
+        ("loha", {"distributed": {"deepspeed": ZERO3}}, "distributed.deepspeed: peft's LoHa sizes its factors from the base weight's shape"),
     ],
 )
 def test_what_a_method_cannot_do_with_the_rest_of_the_config_is_refused(method, section, message):

@@ -300,7 +300,7 @@ def validate_config(raw: dict[str, Any]) -> TrainConfig:
     if fsdp is not None and quantization.enabled and quantization.quant_storage == "uint8":
         raise UserError("FSDP2 shards only floating-point storage; use bfloat16", key="quantization.quant_storage")
     config = TrainConfig(model, quantization, method, adapter, data, training, deepspeed, fsdp, evaluation, options)
-    check_method_setup(method, quantization.enabled, config.shards_parameters)
+    check_method_setup(method, quantization.enabled, zero3=config.zero_stage == 3, fsdp=fsdp is not None)
     return config
 
 

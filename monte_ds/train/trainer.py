@@ -167,6 +167,16 @@ class MonteCLoRATrainer(SFTTrainer):
             checkpoints.mark_complete(checkpoint, self.state.global_step)
             rotate_checkpoints(str(run_dir), self.save_total_limit, self.state.best_model_checkpoint, use_mtime=True)
 
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        super()._save(output_dir, state_dict=state_dict)
+        if not self.args.should_save and self.is_deepspeed_enabled and _is_prompt_learning(self.model):
+            # peft's save_pretrained runs the prompt encoder on the saving rank only. Under ZeRO-3
+            # that forward changes the rank's module trace, and the ranks' next forwards then run
+            # different collectives (a hang): every other rank runs the same forward.
+            model = self.accelerator.unwrap_model(self.model)
+            with torch.no_grad():
+                model.get_prompt_embedding_to_save(model.active_adapter)
+
     def train(self, resume_from_checkpoint: str | None = None, **kwargs: Any):
         if resume_from_checkpoint is not None and self.is_monteclora:
             load_sampler_state(self.model, checkpoints.read_sampler_state(Path(resume_from_checkpoint)))
@@ -179,6 +189,10 @@ def _gather_zero3_sampler_parameters(model: torch.nn.Module) -> None:
     """Make v and alpha whole on this rank again after the forward (ZeRO-3 releases them after
     their module's forward until it has traced a step); a no-op afterwards."""
     gather_zero3([p for layer in monteclora_layers(model) for p in (layer.wishart_log_scale, layer.concentration_log)])
+
+
+def _is_prompt_learning(model: torch.nn.Module) -> bool:
+    return isinstance(model, PeftModel) and model.peft_config[model.active_adapter].is_prompt_learning
 
 
 # -- AdaLoRA ------------------------------------------------------------------------------------
