@@ -43,6 +43,7 @@ DIVERGED: Status = "diverged"
 
 EXIT_COMPLETED = 0
 EXIT_DIVERGED = 3
+EXIT_STALLED = 4  # a multi-rank run made no progress for `training.ddp_timeout` seconds (a hang)
 
 
 def read_json(path: Path) -> dict[str, Any] | None:

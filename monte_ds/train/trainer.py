@@ -5,7 +5,8 @@
 - its terms logged separately (progress bar, logs, TensorBoard), averaged over ranks;
 - the sampler's noise counter saved in every checkpoint and restored on resume;
 - checkpoints marked complete only once every rank has written (see `checkpoints`);
-- a non-finite loss on any rank stops the run on every rank, and nothing more is saved.
+- a non-finite loss on any rank stops the run on every rank, and nothing more is saved;
+- a multi-rank run that stops making progress exits with a message (`watchdog`), never hangs.
 
 Every other method runs through the same class, so the baselines and MonteCLoRA share one
 pipeline; what some of them need from a trainer is here too:
@@ -38,6 +39,7 @@ from monte_ds.monteclora.engine import REGULARISER_TERMS, gather_zero3
 from monte_ds.run_folder import CHECKPOINT_ADALORA_STATE
 from monte_ds.train import checkpoints
 from monte_ds.train.model import keep_trainable_fp32
+from monte_ds.train.watchdog import StallWatchdog
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +74,8 @@ class MonteCLoRATrainer(SFTTrainer):
         if self.adalora_budget is not None:
             self.add_callback(self.adalora_budget)
         self.diverged = False
+        if self.args.world_size > 1:
+            self.add_callback(StallWatchdog(self.args.ddp_timeout, self.args.process_index))
         if self.is_monteclora:
             cast = keep_trainable_fp32(self.model)
             if cast:
