@@ -1,4 +1,4 @@
-"""Suites, the task definitions shipped in monte_ds/evals/, and the offline data layout
+"""Suites, the task definitions in evals/ (shipped as monte_ds/evals/), and the offline data layout
 <data_dir>/<task>/<split>.jsonl, with the bundled sample as one."""
 
 from __future__ import annotations

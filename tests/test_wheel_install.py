@@ -22,7 +22,7 @@ from monte_ds.evaluation.tasks import BUNDLED_SAMPLE_DIR
 from monte_ds.tiny import build_tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
-SOURCES = ("pyproject.toml", "README.md", "monte_ds")
+SOURCES = ("pyproject.toml", "README.md", "monte_ds", "evals")
 
 
 def run(*command: str | Path, cwd: Path) -> str:

