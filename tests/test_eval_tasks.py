@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import monte_ds
+import monte_ds.evals
 from monte_ds.errors import UserError
 from monte_ds.evaluation import EvalOptions, plan_evaluation, validate_options
 from monte_ds.evaluation.tasks import (
@@ -120,6 +121,8 @@ def test_the_bundled_sample_is_a_data_dir_for_every_offline_task():
         files = [Path(path) for path in task.config.dataset_kwargs["data_files"].values()]
         assert files and all(path.parent == BUNDLED_SAMPLE_DIR / name for path in files)
         assert len(task.eval_docs) == 3
-    # Shipped inside the package (pyproject's package data), not read from the test tree.
+    # Shipped inside the package (pyproject's package data), not read from the test tree; the task
+    # definitions are the package monte_ds.evals, mapped from the top-level evals/ (inside the wheel
+    # once installed: test_wheel_install.py).
     assert BUNDLED_SAMPLE_DIR.is_relative_to(Path(monte_ds.__file__).parent)
-    assert EVALS_DIR.is_relative_to(Path(monte_ds.__file__).parent)
+    assert EVALS_DIR == Path(monte_ds.evals.__file__).parent == Path(__file__).resolve().parents[1] / "evals"

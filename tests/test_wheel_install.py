@@ -32,6 +32,10 @@ def run(*command: str | Path, cwd: Path) -> str:
     return done.stdout
 
 
+def sources(root: Path, pattern: str) -> set[Path]:
+    return {path.relative_to(root) for path in root.rglob(pattern)}
+
+
 @pytest.mark.slow
 def test_an_installed_wheel_evaluates_offline_from_outside_the_source_tree(tmp_path):
     source = tmp_path / "source"  # a copy: the build writes build/ and egg-info beside the sources
@@ -52,6 +56,12 @@ def test_an_installed_wheel_evaluates_offline_from_outside_the_source_tree(tmp_p
     (env_site / "dependencies.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     run(sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "--no-build-isolation", "-q", wheel,
         cwd=tmp_path)
+
+    # pyproject.toml lists the packages (evals/ is mapped in): a module left off the list fails here.
+    shipped = {path.relative_to(env_site / "monte_ds") for path in (env_site / "monte_ds").rglob("*.py")}
+    assert shipped == sources(source / "monte_ds", "*.py") | {"evals" / path for path in sources(source / "evals", "*.py")}
+    yamls = {path.relative_to(env_site / "monte_ds" / "evals") for path in (env_site / "monte_ds" / "evals").rglob("*.yaml")}
+    assert yamls == sources(source / "evals", "*.yaml") != set()
 
     work = tmp_path / "elsewhere"  # outside the source tree: nothing can be found relative to it
     work.mkdir()
