@@ -17,6 +17,7 @@ from monte_ds.monteclora import (
     sampler_state,
     save_adapter,
 )
+from monte_ds.monteclora.model import monteclora_engines
 
 __all__ = [
     "MonteCLoRAConfig",
@@ -24,6 +25,7 @@ __all__ = [
     "get_monteclora_model",
     "load_adapter",
     "load_sampler_state",
+    "monteclora_engines",
     "monteclora_layers",
     "monteclora_losses",
     "predictive_sampling",
