@@ -35,7 +35,7 @@ LORA_ADAPTERS = ("lora", "dora", "loraplus")
 _MONTECLORA_FIELDS = frozenset(field.name for field in dataclasses.fields(MonteCLoRAConfig))
 MONTECLORA_ONLY = _MONTECLORA_FIELDS & {
     "n_components", "sample_scaler", "kl_weight", "dirichlet_prior", "dirichlet_init", "wishart_df",
-    "sparse_mixture", "posthoc", "sampler", "prefetch_layers", "seed",
+    "sparse_mixture", "posthoc", "sampler", "seed",
 }
 # Everything else of MonteCLoRAConfig is a peft LoraConfig field.
 LORA_FIELDS = _MONTECLORA_FIELDS - MONTECLORA_ONLY
