@@ -20,7 +20,7 @@ from torch.distributions import Dirichlet, kl_divergence
 from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
 from monte_ds import MonteCLoRAConfig, get_monteclora_model, monteclora_layers, monteclora_losses
-from monte_ds.monteclora.math import dirichlet_rsample, kl_dirichlet, seeded_generator
+from monte_ds.monteclora.math import dirichlet_rsample, draw_bartlett, kl_dirichlet, seeded_generator
 
 try:
     from peft import LoraConfig, get_peft_model
@@ -91,12 +91,14 @@ def buffer_rows(n_in: int = 4096, r: int = 16) -> list[dict]:
     )
     storages = {id(t.untyped_storage()): t.untyped_storage().nbytes() for s in sampler.sampler.buffer for t in s.values()}
     peft_mb = sum(storages.values()) / 2**20
-    ours_mb = MonteCLoRAConfig().prefetch_layers * r * n_in * 4 / 2**20
+    # monte-ds pre-draws one forward ahead, in asynchronous mode only: one layer's share of that draw.
+    ahead = draw_bartlett(1, r, n_in, float(r), seeded_generator(CPU, 0), CPU)
+    ours_mb = sum(tensor.untyped_storage().nbytes() for tensor in (ahead.noise, ahead.row_sq, ahead.log_det)) / 2**20
     return [
         {
             "check": f"noise buffer memory at n_in={n_in}, r={r}, defaults (MiB)",
             "peft": f"{peft_mb:.0f} per layer",
-            "monte-ds": f"{ours_mb:.1f} per rank, all layers",
+            "monte-ds": f"{ours_mb:.2f} per layer, asynchronous sampler only (the next forward's draw)",
         }
     ]
 
