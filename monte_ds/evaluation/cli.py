@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from monte_ds import pretrained
 from monte_ds.errors import KeyedError
 from monte_ds.flags import ArgumentParser, flag
 from monte_ds.evaluation.loading import DTYPES, load_model, nf4_config
@@ -26,7 +27,7 @@ from monte_ds.evaluation.runner import plan_evaluation, run_plan
 EXIT_SUITE_FAILED = 3
 OPTION_FIELDS = {f.name: f for f in dataclasses.fields(EvalOptions)}
 # Keys that errors from planning and loading name and that the command takes as flags.
-FLAGGED_KEYS = {*OPTION_FIELDS, "training_log", "model", "adapter"}
+FLAGGED_KEYS = {*OPTION_FIELDS, "training_log", "model", "adapter", "prepare", "gguf_file"}
 
 
 def _comma_list(value: str) -> list[str]:
@@ -36,6 +37,11 @@ def _comma_list(value: str) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="monte-ds eval", description="Evaluate a causal LM (optionally with an adapter) and write a report.")
     parser.add_argument("--model", required=True, help="base model: local path or hub id")
+    parser.add_argument(
+        "--prepare", choices=sorted(pretrained.PACKAGED),
+        help="convert this packaged pretrained base to --model first, unless it is there (as model.prepare does)",
+    )
+    parser.add_argument("--gguf-file", help="a GGUF file inside --model, dequantised to --dtype on load")
     parser.add_argument("--adapter", help="monte-ds adapter (save_adapter) or plain peft adapter directory")
     parser.add_argument("--load-in-4bit", action="store_true", help="quantize the base to nf4 (bitsandbytes, double quant)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="auto", help="weights dtype (auto: the checkpoint's)")
@@ -67,12 +73,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = {name: args.pop(name) for name in OPTION_FIELDS if name in args}
     try:
         plan = plan_evaluation(options, args["training_log"])  # data and checks first: the model load is slow
+        if args["prepare"] is not None:
+            try:
+                pretrained.prepare_model(args["prepare"], args["model"])
+            except KeyedError as err:  # named as model.prepare / model.path in a training config
+                raise err.with_key("prepare" if err.key == "model.prepare" else "model") from None
         loaded = load_model(
             args["model"],
             args["adapter"],
             dtype=args["dtype"],
             device=args["device"],
             quantization=nf4_config(args["dtype"]) if args["load_in_4bit"] else None,
+            gguf_file=args["gguf_file"],
         )
         result = run_plan(plan, loaded.model, loaded.tokenizer, args["output"], loaded.metadata)
     except KeyedError as err:

@@ -14,7 +14,7 @@ from peft import PeftModel
 from peft.utils import CONFIG_NAME as PEFT_CONFIG
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
 
-from monte_ds import load_adapter
+from monte_ds import load_adapter, pretrained
 from monte_ds.errors import UserError
 from monte_ds.monteclora.io import CONFIG_NAME as MONTECLORA_CONFIG
 
@@ -64,25 +64,35 @@ def load_model(
     revision: str | None = None,
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
+    gguf_file: str | None = None,
 ) -> LoadedModel:
     """The base model placed whole on `device`, the adapter on top, in eval mode.
 
     The tokenizer comes from the adapter directory when it has one (a fine-tune may add
-    tokens), else from the base model.
+    tokens), else from the base model. A `gguf_file` inside `model` is dequantised to `dtype`
+    (it cannot also be quantized).
     """
     kind = adapter_kind(Path(adapter)) if adapter is not None else None
     hub = {"revision": revision, "trust_remote_code": trust_remote_code}
+    if gguf_file is not None and quantization is not None:
+        raise UserError("a GGUF base is dequantised on load and cannot also be quantized", key="gguf_file")
     try:
-        base = AutoModelForCausalLM.from_pretrained(
-            model,
-            dtype=DTYPES[dtype],
-            device_map={"": device},  # straight onto the device, quantized or not
-            quantization_config=quantization,
-            attn_implementation=attn_implementation,
-            **hub,
-        )
+        if gguf_file is not None:
+            base = pretrained.load_gguf(model, gguf_file, DTYPES[dtype]).to(device)
+        else:
+            base = AutoModelForCausalLM.from_pretrained(
+                model,
+                dtype=DTYPES[dtype],
+                device_map={"": device},  # straight onto the device, quantized or not
+                quantization_config=quantization,
+                attn_implementation=attn_implementation,
+                **hub,
+            )
         has_tokenizer = adapter is not None and (Path(adapter) / "tokenizer_config.json").is_file()
-        tokenizer = AutoTokenizer.from_pretrained(adapter if has_tokenizer else model, **hub)
+        if has_tokenizer or gguf_file is None:
+            tokenizer = AutoTokenizer.from_pretrained(adapter if has_tokenizer else model, **hub)
+        else:
+            tokenizer = pretrained.load_gguf_tokenizer(model, gguf_file)
     except OSError as err:
         raise UserError(f"cannot load {model}: {err}".splitlines()[0], key="model") from None
     if kind == "monteclora":
@@ -93,7 +103,7 @@ def load_model(
         loaded = base
     loaded.eval()
     metadata = {
-        "model": str(model),
+        "model": str(model) if gguf_file is None else str(Path(model) / gguf_file),
         "adapter": None if adapter is None else str(adapter),
         "adapter_type": kind,
         "quantization": _quantization_name(quantization),

@@ -26,6 +26,7 @@ from monte_ds.config import MonteCLoRAConfig
 from monte_ds import schema
 from monte_ds.errors import InputError, UserError
 from monte_ds.evaluation.options import EvalOptions
+from monte_ds import pretrained
 from monte_ds.train.data import BUNDLED_PREFIX, DATA_SUFFIXES, ON_BAD_ROWS, bundled_path
 from monte_ds.train.methods import (
     METHODS,
@@ -94,6 +95,8 @@ def config_schema() -> dict[str, Any]:
                     "revision": {"type": ["string", "null"]},
                     "trust_remote_code": {"type": "boolean"},
                     "build_tiny": {"type": "boolean"},
+                    "prepare": {"enum": [*pretrained.PACKAGED, None]},
+                    "gguf_file": {"type": ["string", "null"], "minLength": 1},
                 },
                 required=["path"],
             ),
@@ -143,6 +146,8 @@ class ModelSection:
     revision: str | None = None
     trust_remote_code: bool = False
     build_tiny: bool = False
+    prepare: str | None = None  # a packaged pretrained base converted to `path` once (monte_ds.pretrained)
+    gguf_file: str | None = None  # a GGUF file inside `path`, dequantised to `dtype` on every load
 
 
 @dataclass(frozen=True)
@@ -279,8 +284,7 @@ def validate_config(raw: dict[str, Any]) -> TrainConfig:
     deepspeed, fsdp = _distributed(raw.get("distributed", {}), adapter)
     evaluation = dict(raw.get("eval", {}))
 
-    if not model.build_tiny:
-        _check_local_path("model.path", model.path)
+    _check_model_section(model, quantization)
     if data.path.startswith(BUNDLED_PREFIX):
         bundled_path(data.path)
     else:
@@ -300,6 +304,8 @@ def validate_config(raw: dict[str, Any]) -> TrainConfig:
     if fsdp is not None and quantization.enabled and quantization.quant_storage == "uint8":
         raise UserError("FSDP2 shards only floating-point storage; use bfloat16", key="quantization.quant_storage")
     config = TrainConfig(model, quantization, method, adapter, data, training, deepspeed, fsdp, evaluation, options)
+    if model.gguf_file is not None and config.shards_parameters:
+        raise UserError("a GGUF base is loaded whole, then dequantised; ZeRO-3 and FSDP2 need a safetensors base", key="model.gguf_file")
     check_method_setup(method, quantization.enabled, zero3=config.zero_stage == 3, fsdp=fsdp is not None)
     return config
 
@@ -371,6 +377,32 @@ def _checked_deepspeed(deepspeed: dict[str, Any], adapter: MonteCLoRAConfig) -> 
         logger.info("distributed.deepspeed: stage3_gather_16bit_weights_on_model_save set to true (complete adapters)")
         zero["stage3_gather_16bit_weights_on_model_save"] = True
     return deepspeed
+
+
+def _check_model_section(model: ModelSection, quantization: QuantizationSection) -> None:
+    """Where the base comes from: built (build_tiny), prepared (prepare), a GGUF file or a checkpoint."""
+    sources = [key for key in ("build_tiny", "prepare", "gguf_file") if getattr(model, key) not in (None, False)]
+    if len(sources) > 1:
+        raise UserError(f"set only one of {', '.join('model.' + key for key in sources)}", key=f"model.{sources[1]}")
+    if model.prepare is not None:
+        if not pretrained.is_prepared(model.path):
+            pretrained.packaged_gguf(model.prepare)  # the package is needed only until the folder exists
+        return
+    if model.build_tiny:
+        return
+    _check_local_path("model.path", model.path)
+    if model.gguf_file is None:
+        return
+    pretrained.check_gguf_reader("model.gguf_file")
+    directory = Path(model.path).expanduser()
+    if directory.is_dir() and not (directory / model.gguf_file).is_file():
+        raise UserError(f"no such file in {model.path}", key="model.gguf_file")
+    if quantization.enabled:
+        raise UserError(
+            "a GGUF base is dequantised on load and cannot then be quantised by bitsandbytes; convert it to a "
+            "safetensors folder first (docs/real-model.md) and point model.path at it",
+            key="quantization.mode",
+        )
 
 
 def _check_local_path(key: str, path: str, suffixes: Sequence[str] = ()) -> None:

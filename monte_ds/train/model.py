@@ -1,6 +1,6 @@
 """The model side of a run: tokenizer, base model (full precision or bitsandbytes 4/8-bit), the
-tiny LLaMA of the embedded config, and the method's adapter (MonteCLoRA, a peft baseline, or none
-for full fine-tuning)."""
+tiny LLaMA of the embedded config, a prepared pretrained base or a GGUF one (monte_ds.pretrained),
+and the method's adapter (MonteCLoRA, a peft baseline, or none for full fine-tuning)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from transformers import (
 )
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from monte_ds import pretrained
 from monte_ds.atomic import atomic_directory
 from monte_ds.errors import UserError
 from monte_ds.monteclora import get_monteclora_model
@@ -42,14 +43,38 @@ def ensure_tiny_model(path: str | Path, texts: list[str], seed: int) -> None:
         build_tiny_llama(tmp, texts, seed=seed)
 
 
+def ensure_base_model(config: TrainConfig, texts: list[str]) -> None:
+    """Build or prepare the base at `model.path` when the config asks for it (main process only)."""
+    if config.model.build_tiny:
+        ensure_tiny_model(config.model.path, texts, seed=0)
+    elif config.model.prepare is not None:
+        pretrained.prepare_model(config.model.prepare, config.model.path)
+
+
+def gguf_source(config: TrainConfig) -> tuple[Path, str] | None:
+    """The folder and GGUF file the base is read from, when it is read from one: the user's
+    `model.gguf_file`, or the packaged GGUF of a base still to prepare."""
+    model = config.model
+    if model.gguf_file is not None:
+        return Path(model.path).expanduser(), model.gguf_file
+    if model.prepare is not None and not pretrained.is_prepared(model.path):
+        gguf = pretrained.packaged_gguf(model.prepare)
+        return gguf.parent, gguf.name
+    return None
+
+
 def check_model_path(config: TrainConfig) -> PretrainedConfig:
     """Read the model's config (a local file or one small hub download) so that a wrong path or
     hub id fails as a user error before anything is written; a tiny base still to build is the
-    tiny LLaMA's (its module names do not depend on the vocabulary it will get)."""
+    tiny LLaMA's (its module names do not depend on the vocabulary it will get), a base still to
+    prepare its GGUF's."""
     model = config.model
     if model.build_tiny and not Path(model.path).exists():
         return tiny_llama_config(vocab_size=512)
+    gguf = gguf_source(config)
     try:
+        if gguf is not None:
+            return AutoConfig.from_pretrained(gguf[0], gguf_file=gguf[1])
         return AutoConfig.from_pretrained(model.path, revision=model.revision, trust_remote_code=model.trust_remote_code)
     except (OSError, ValueError) as err:
         raise UserError(f"cannot load a model config from {model.path!r}: {str(err).splitlines()[0]}", key="model.path") from None
@@ -70,6 +95,9 @@ def check_adapter_targets(config: TrainConfig, model_config: PretrainedConfig) -
 
 def load_tokenizer(config: TrainConfig) -> PreTrainedTokenizerBase:
     model = config.model
+    gguf = gguf_source(config)
+    if gguf is not None:
+        return pretrained.load_gguf_tokenizer(*gguf)
     return AutoTokenizer.from_pretrained(model.path, revision=model.revision, trust_remote_code=model.trust_remote_code)
 
 
@@ -95,17 +123,23 @@ def load_base_model(config: TrainConfig, device: torch.device, sharded: bool) ->
     """The base model, placed on this rank's device when quantized (bitsandbytes needs it there);
     when `sharded` (ZeRO-3, FSDP2) the engine places and shards it."""
     model = config.model
+    if model.gguf_file is not None:  # never quantized nor sharded (the config refuses both)
+        return pretrained.load_gguf(model.path, model.gguf_file, _dtype(model.dtype))
     quantization = quantization_config(config.quantization, config.shards_parameters)
     device_map = {"": device} if quantization is not None and not sharded else None
     return AutoModelForCausalLM.from_pretrained(
         model.path,
         revision=model.revision,
         trust_remote_code=model.trust_remote_code,
-        dtype=model.dtype if model.dtype == "auto" else getattr(torch, model.dtype),
+        dtype=_dtype(model.dtype),
         attn_implementation=model.attn_implementation,
         quantization_config=quantization,
         device_map=device_map,
     )
+
+
+def _dtype(name: str) -> str | torch.dtype:
+    return name if name == "auto" else getattr(torch, name)
 
 
 def attach_adapter(

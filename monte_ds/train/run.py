@@ -49,7 +49,7 @@ from monte_ds.train.model import (
     attach_adapter,
     check_adapter_targets,
     check_model_path,
-    ensure_tiny_model,
+    ensure_base_model,
     load_base_model,
     load_tokenizer,
     quantization_config,
@@ -150,8 +150,7 @@ def execute(plan: Plan) -> int:
         if args.process_index == 0:
             _prepare_output_dir(config, fresh=plan.resume_from is None)
             atomic_write_json(config.output_dir / run_folder.CONFIG_JSON, config.to_dict())
-            if config.model.build_tiny:
-                ensure_tiny_model(config.model.path, dataset_texts(plan.dataset), seed=0)
+            ensure_base_model(config, dataset_texts(plan.dataset))
 
     tokenizer = load_tokenizer(config)
     model = load_base_model(config, args.device, sharded=config.shards_parameters)
@@ -261,6 +260,7 @@ def load_trained(config: TrainConfig, device: torch.device) -> LoadedModel:
         revision=None if full else config.model.revision,
         trust_remote_code=config.model.trust_remote_code,
         attn_implementation=config.model.attn_implementation,
+        gguf_file=config.model.gguf_file,
     )
 
 
