@@ -188,6 +188,7 @@ ZERO3 = str(Path(__file__).resolve().parents[1] / "configs" / "deepspeed" / "zer
         ("loha", {"quantization": {"mode": "nf4"}}, "quantization.mode: peft's loha has no bitsandbytes layers"),
         ("adalora", {"distributed": {"fsdp": {}}}, "distributed: AdaLoRA's rank allocation reads whole weights"),
         ("adalora", {"distributed": {"deepspeed": ZERO3}}, "distributed: AdaLoRA's rank allocation reads whole weights"),
+        ("lora", {"quantization": {"mode": "int8"}, "distributed": {"fsdp": {}}}, "quantization.mode: bitsandbytes' 8-bit weights cannot be sharded"),
         ("loha", {"distributed": {"deepspeed": ZERO3}}, "distributed.deepspeed: peft's LoHa sizes its factors from the base weight's shape"),
     ],
 )

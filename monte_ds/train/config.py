@@ -306,6 +306,12 @@ def validate_config(raw: dict[str, Any]) -> TrainConfig:
     config = TrainConfig(model, quantization, method, adapter, data, training, deepspeed, fsdp, evaluation, options)
     if model.gguf_file is not None and config.shards_parameters:
         raise UserError("a GGUF base is loaded whole, then dequantised; ZeRO-3 and FSDP2 need a safetensors base", key="model.gguf_file")
+    if config.shards_parameters and quantization.mode == "int8":
+        raise UserError(
+            "bitsandbytes' 8-bit weights cannot be sharded (ZeRO-3, FSDP2); use nf4 or fp4, whose storage is then "
+            "the compute dtype, or ZeRO-2",
+            key="quantization.mode",
+        )
     check_method_setup(method, quantization.enabled, zero3=config.zero_stage == 3, fsdp=fsdp is not None)
     return config
 
