@@ -16,14 +16,17 @@ import sys
 from pathlib import Path
 
 import matplotlib.image
+import numpy as np
 import pytest
+from scipy.stats import wilcoxon
 
 from monte_ds.cli import main as monte_ds
 from monte_ds.errors import UserError
 from monte_ds.evaluation.report import build_report
-from monte_ds.sweep.grid import GridAxis, expand, parse_grid_axis, train_command
-from monte_ds.sweep.outcomes import Metric, read_outcome, report_scores
-from monte_ds.sweep.stats import paired_test, summarize
+from monte_ds.sweep.grid import GridAxis, Run, expand, parse_grid_axis, train_command
+from monte_ds.sweep.outcomes import Metric, Outcome, read_outcome, report_scores
+from monte_ds.sweep.report import summarize_sweep
+from monte_ds.sweep.stats import effect_size, minimum_detectable_effect, paired_test, summarize
 from monte_ds.train.checkpoints import mark_complete
 
 # --- statistics -----------------------------------------------------------------------------
@@ -81,6 +84,69 @@ def test_wilcoxon_counts_a_failure_as_the_largest_loss_and_double_failures_as_ti
 def test_wilcoxon_is_undefined_when_every_pair_ties():
     test = paired_test([0.5, None], [0.5, None], higher_is_better=True)
     assert test.ties == 2 and test.statistic is None and test.p_value is None
+
+
+# --- effect size and minimum detectable effect ------------------------------------------------
+
+
+def test_the_effect_interval_covers_a_known_shift():
+    rng = np.random.default_rng(7)
+    b = rng.normal(0.5, 0.1, 30)
+    a = b + 0.2 + rng.normal(0.0, 0.05, 30)
+    effect = effect_size(list(a), list(b), higher_is_better=True)
+    assert effect.ci_low < 0.2 < effect.ci_high and effect.ci_low > 0  # covers the shift, excludes no effect
+    assert effect.difference == pytest.approx(float(np.median(a - b)))
+    assert effect.sd_difference == pytest.approx(float(np.std(a - b, ddof=1)))
+    assert effect.mde == pytest.approx(minimum_detectable_effect(30, effect.sd_difference))
+
+
+def test_the_effect_is_a_minus_b_in_the_metrics_units_whatever_its_direction():
+    nll_b = [1.0, 1.5, 2.0, 0.75, 1.125, 0.875]  # binary fractions: every difference is exactly -0.25
+    nll_a = [x - 0.25 for x in nll_b]  # A's NLL 0.25 lower: A better
+    effect = effect_size(nll_a, nll_b, higher_is_better=False)
+    assert effect.difference == effect.ci_low == effect.ci_high == -0.25
+    assert effect.sd_difference == 0.0 and effect.mde == 0.0
+    assert paired_test(nll_a, nll_b, higher_is_better=False).a_better == 6
+
+
+def test_the_bootstrap_interval_is_reproducible_with_its_seed():
+    rng = np.random.default_rng(3)
+    a, b = list(rng.normal(0.6, 0.2, 12)), list(rng.normal(0.5, 0.2, 12))
+    assert effect_size(a, b, True) == effect_size(a, b, True)
+    # With few resamples the interval's ends move with the seed (with 10,000 they land on the same
+    # order statistics of the medians): the seed, not chance, fixes them.
+    few = [effect_size(a, b, True, seed=seed, resamples=40) for seed in (0, 0, 1)]
+    assert few[0] == few[1] and (few[2].ci_low, few[2].ci_high) != (few[0].ci_low, few[0].ci_high)
+    assert few[2].difference == few[0].difference
+
+
+def test_failures_are_unbounded_differences_in_the_effect():
+    # Differences -inf, 1, 2, 3, 4: the median is 2; a resample of 5 pairs has its median on the
+    # failure when it holds it 3 or more times (probability 5.8% > 2.5%): the lower bound is -inf.
+    effect = effect_size([None, 1, 2, 3, 4], [0, 0, 0, 0, 0], higher_is_better=True)
+    assert effect.difference == 2.0 and effect.ci_low == -math.inf and effect.ci_high == 4.0
+    assert effect.sd_difference == pytest.approx(float(np.std([1, 2, 3, 4], ddof=1)))
+    # One failure each way: no midpoint between -inf and +inf; by symmetry the median difference is 0.
+    assert effect_size([None, 1.0], [1.0, None], higher_is_better=True).difference == 0.0
+
+
+def test_the_minimum_detectable_effect_for_the_number_of_pairs():
+    assert minimum_detectable_effect(24, 1.0) == pytest.approx(0.6112, abs=1e-4)  # 24 pairs: 0.61 SD
+    assert minimum_detectable_effect(24, 0.1) == pytest.approx(0.06112, abs=1e-5)  # in the spread's units
+    assert minimum_detectable_effect(5, 1.0) == math.inf  # 5 pairs: p >= 2/32 > 0.05 whatever the data
+    assert math.isfinite(minimum_detectable_effect(6, 1.0))
+    # It shrinks like 1/sqrt(n): sqrt(n) * MDE falls towards its normal-quantile limit.
+    scaled = [math.sqrt(n) * minimum_detectable_effect(n, 1.0) for n in (8, 24, 96, 384, 1536)]
+    assert scaled == sorted(scaled, reverse=True)
+    assert minimum_detectable_effect(1536, 1.0) / minimum_detectable_effect(384, 1.0) == pytest.approx(0.5, rel=2e-3)
+
+
+def test_the_minimum_detectable_effect_has_its_stated_power():
+    # Normal differences with mean = the MDE of 24 pairs: the signed-rank test at 0.05 finds them ~80% of the time.
+    rng = np.random.default_rng(0)
+    shift = minimum_detectable_effect(24, 1.0)
+    power = np.mean([wilcoxon(rng.normal(shift, 1.0, 24)).pvalue < 0.05 for _ in range(1000)])
+    assert 0.75 <= power <= 0.85
 
 
 # --- grid -----------------------------------------------------------------------------------
@@ -254,6 +320,43 @@ def test_wilcoxon_compares_monteclora_with_each_other_method(tmp_path, base_conf
     assert all(c["n_pairs"] == 4 for c in section["comparisons"])
 
 
+def test_each_paired_test_reports_its_effect_size_and_detectable_effect(tmp_path, base_config, fake_train):
+    launcher, _ = fake_train
+    output = tmp_path / "sweep"
+    assert monte_ds([*sweep_args(base_config, output, launcher, lrs="0.1,0.2"), "--seeds", "0,1,2"]) == 0
+    report = json.loads((output / "sweep.json").read_text())
+    ((comparison,),) = [section["comparisons"] for section in report["metrics"]]
+    # MonteCLoRA - LoRA = 0.5 lr bs + 0.01 bs: 0.06, 0.12, 0.11, 0.22 at the four points, each for 3 seeds.
+    differences = np.repeat([0.06, 0.12, 0.11, 0.22], 3)
+    assert comparison["n_pairs"] == 12 and comparison["difference"] == pytest.approx(0.115)
+    assert 0.06 <= comparison["ci_low"] <= 0.115 <= comparison["ci_high"] <= 0.22
+    assert comparison["sd_difference"] == pytest.approx(float(np.std(differences, ddof=1)))
+    assert comparison["mde"] == pytest.approx(minimum_detectable_effect(12, float(np.std(differences, ddof=1))))
+    assert report["effect_assumptions"]["alpha"] == 0.05 and report["effect_assumptions"]["power"] == 0.8
+    markdown = (output / "sweep.md").read_text()
+    row = next(line for line in markdown.splitlines() if line.startswith("| A=monteclora vs B=lora |"))
+    assert row.split(" | ")[7].startswith("0.115 [") and "MDE" in markdown and "power 0.8 at α = 0.05" in markdown
+
+
+def test_set_for_overrides_one_methods_runs_only(tmp_path, base_config, fake_train, capsys):
+    launcher, _ = fake_train
+    output = tmp_path / "sweep"
+    args = [*sweep_args(base_config, output, launcher, lrs="0.1"), "--set-for", "monteclora:eval.predictive_samples=10"]
+    assert monte_ds([*args, "--plan-only"]) == 0
+    commands = capsys.readouterr().out.splitlines()
+    assert len(commands) == 4
+    for command in commands:
+        assert ("eval.predictive_samples=10" in command) == ("adapter.method=monteclora" in command)
+    assert monte_ds(args) == 0  # the runs still pair: one comparison over both grid points
+    report = json.loads((output / "sweep.json").read_text())
+    assert report["set_for"] == {"monteclora": {"eval.predictive_samples": "10"}}
+    assert report["metrics"][0]["comparisons"][0]["n_pairs"] == 2
+    # The same output with other per-method overrides would mix incomparable runs.
+    assert monte_ds([*sweep_args(base_config, output, launcher, lrs="0.1"), "--methods", "lora"]) == 2
+    assert "--output" in capsys.readouterr().err
+    assert monte_ds([*args[:-2], "--set-for", "monteclora:eval.predictive_samples=10", "--methods", "lora"]) == 0
+
+
 def test_report_only_leaves_unfinished_runs_pending(tmp_path, base_config, fake_train):
     launcher, calls = fake_train
     output = tmp_path / "sweep"
@@ -289,6 +392,11 @@ def test_a_restart_with_another_base_config_is_refused(tmp_path, base_config, fa
         (["--methods", "lora,,monteclora"], "--methods"),
         (["--methods", "lora,qlora"], "--methods: unknown method 'qlora' (choose from monteclora, full, lora"),
         (["--plan-only", "--report-only"], "not allowed with"),
+        (["--set-for", "qlora:eval.limit=3"], "--set-for: expected METHOD:key.path=value with METHOD one of"),
+        (["--set-for", "monteclora:eval.limit"], "--set-for: expected key.path=value"),
+        (["--set-for", "lora:training.seed=3"], "--set-for: training.seed is set by the sweep"),
+        (["--set-for", "lora:training.learning_rate=1"], "--set-for: training.learning_rate is given more than once"),
+        (["--set-for", "lora:eval.limit=1", "--set-for", "lora:eval.limit=2"], "eval.limit is given more than once for lora"),
     ],
 )
 def test_bad_flags_are_one_line_user_errors(tmp_path, base_config, fake_train, capsys, extra, message):
@@ -337,3 +445,43 @@ def test_a_completed_run_without_its_configured_report_is_not_finished(tmp_path)
     assert read_outcome(tmp_path).status == "pending"
     (tmp_path / "config.json").write_text(json.dumps({"eval": {"suites": []}}))
     assert read_outcome(tmp_path).status == "completed"
+
+
+def test_report_scores_reads_the_brier_score_and_the_posterior_predictive_metrics():
+    calibration = {"piqa": {"acc": 0.6, "nll": 0.9, "nll_stderr": 0.02, "ece": 0.05, "brier": 0.4}}
+    report = build_report(
+        {"results": {"piqa": {"acc,none": 0.6}}, "higher_is_better": {"piqa": {"acc": True}}},
+        calibration=calibration,
+        predictive={"piqa": {"acc": 0.65, "nll": 0.8, "ece": 0.03, "brier": 0.35}},
+        options={"predictive_samples": 10}, metadata={}, figure_files=[], suites={}, generation={},
+    )
+    assert report_scores(report) == {
+        Metric("piqa", "acc,none", True): 0.6,
+        Metric("piqa", "nll", False): 0.9,
+        Metric("piqa", "ece", False): 0.05,
+        Metric("piqa", "brier", False): 0.4,
+        Metric("piqa", "acc,predictive", True): 0.65,
+        Metric("piqa", "nll,predictive", False): 0.8,
+        Metric("piqa", "ece,predictive", False): 0.03,
+        Metric("piqa", "brier,predictive", False): 0.35,
+    }
+    assert Metric("piqa", "brier,predictive", False).label == "brier (predictive)"
+    assert Metric("piqa", "acc,predictive", True).point == Metric("piqa", "acc,none", True)
+    assert Metric("piqa", "nll,predictive", False).point == Metric("piqa", "nll", False)
+
+
+def test_methods_without_a_posterior_enter_predictive_metrics_with_their_one_prediction():
+    runs = [Run(method, seed, (), f"{method}/seed={seed}") for method in ("lora", "monteclora") for seed in (0, 1)]
+    nll, predictive = Metric("piqa", "nll", False), Metric("piqa", "nll,predictive", False)
+    outcomes = {
+        "lora/seed=0": Outcome("completed", {nll: 1.0}),
+        "lora/seed=1": Outcome("completed", {nll: 1.2}),
+        "monteclora/seed=0": Outcome("completed", {nll: 0.9, predictive: 0.8}),
+        "monteclora/seed=1": Outcome("completed", {nll: 1.3, predictive: 1.1}),
+    }
+    sections = {s["metric"]: s for s in summarize_sweep(runs, outcomes, ["lora", "monteclora"])}
+    assert sections["nll,predictive"]["methods"]["lora"]["scores"] == [1.0, 1.2]  # LoRA's point prediction
+    assert sections["nll,predictive"]["methods"]["monteclora"]["scores"] == [0.8, 1.1]
+    (comparison,) = sections["nll,predictive"]["comparisons"]
+    assert (comparison["a_better"], comparison["difference"]) == (2, pytest.approx(-0.15))
+    assert sections["nll"]["comparisons"][0]["a_better"] == 1

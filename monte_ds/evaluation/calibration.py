@@ -1,5 +1,7 @@
 """Calibration of multiple-choice answers: NLL of the gold choice, expected calibration
-error and the reliability-diagram bins, from lm-eval's per-sample log-likelihoods.
+error, the Brier score and the reliability-diagram bins, from lm-eval's per-sample
+log-likelihoods (the metrics of Bayesian-LoRA papers, BLoB and Laplace-LoRA: accuracy, ECE
+and NLL on the softmax over the choices; the Brier score beside them).
 
 A document's choice probabilities are the softmax of the choices' summed
 log-likelihoods (the scores `acc` ranks), i.e. the model's distribution restricted to
@@ -58,11 +60,15 @@ def average_draws(draws: Sequence[ChoiceScores]) -> ChoiceScores:
 
 
 def calibration(scores: ChoiceScores, n_bins: int = N_BINS) -> dict[str, Any]:
-    """Accuracy, gold NLL (with standard errors), ECE and the equal-width confidence bins."""
+    """Accuracy, gold NLL and Brier score (with standard errors), ECE and the equal-width
+    confidence bins. The Brier score is the multi-class one (Brier 1950): the squared distance
+    between the choice probabilities and the one-hot gold answer, summed over the choices
+    (0 is perfect, 2 the worst; a uniform guess over k choices scores 1 - 1/k)."""
     gold_probability = np.array([p[g] for p, g in zip(scores.probabilities, scores.gold)])
     confidence = np.array([p.max() for p in scores.probabilities])
     correct = np.array([float(np.argmax(p) == g) for p, g in zip(scores.probabilities, scores.gold)])
     nll = -np.log(np.clip(gold_probability, np.finfo(float).tiny, None))
+    brier = np.array([np.sum(p**2) - 2 * p[g] + 1 for p, g in zip(scores.probabilities, scores.gold)])
     bins = reliability_bins(confidence, correct, n_bins)
     n = len(correct)
     ece = sum(b["count"] / n * abs(b["accuracy"] - b["confidence"]) for b in bins if b["count"])
@@ -73,6 +79,8 @@ def calibration(scores: ChoiceScores, n_bins: int = N_BINS) -> dict[str, Any]:
         "nll": float(nll.mean()),
         "nll_stderr": _stderr(nll),
         "ece": float(ece),
+        "brier": float(brier.mean()),
+        "brier_stderr": _stderr(brier),
         "bins": bins,
     }
 

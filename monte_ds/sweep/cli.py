@@ -2,7 +2,8 @@
 
     monte-ds sweep --config BASE.json --grid training.learning_rate=3e-4,3e-5 \\
         --grid training.per_device_train_batch_size=8,16,32 --methods lora,monteclora \\
-        [--seeds 0,1] [--set key.path=value ...] --output DIR [--plan-only | --report-only]
+        [--seeds 0,1] [--set key.path=value ...] [--set-for METHOD:key.path=value ...] \\
+        --output DIR [--plan-only | --report-only]
 """
 
 from __future__ import annotations
@@ -17,7 +18,14 @@ from pathlib import Path
 
 from monte_ds.errors import UserError
 from monte_ds.flags import ArgumentParser
-from monte_ds.sweep.grid import check_keys, parse_assignment, parse_grid_axis, parse_methods, parse_seeds
+from monte_ds.sweep.grid import (
+    check_keys,
+    parse_assignment,
+    parse_grid_axis,
+    parse_method_assignment,
+    parse_methods,
+    parse_seeds,
+)
 from monte_ds.sweep.report import SWEEP_MD
 from monte_ds.sweep.runner import DEFAULT_LAUNCHER, Sweep, execute, pending_commands
 
@@ -40,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seeds", default="0", help="training.seed values (default: 0)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="fixed",
                         help="an override applied to every run (repeatable)")
+    parser.add_argument("--set-for", action="append", default=[], metavar="METHOD:KEY=VALUE", dest="method_fixed",
+                        help="an override applied to one method's runs only (repeatable), e.g. "
+                        "monteclora:eval.predictive_samples=10; give it the same way on every invocation "
+                        "over one --output, whichever --methods it trains")
     parser.add_argument("--output", required=True, type=Path, help="the sweep's folder (runs, logs, report)")
     parser.add_argument("--launcher", default=shlex.join(DEFAULT_LAUNCHER),
                         help="the command that trains one run, given --config and --set (default: %(default)s); "
@@ -61,7 +73,8 @@ def parse_sweep(args: argparse.Namespace) -> Sweep:
         raise UserError(f"{args.config} is not valid JSON ({err})", key="--config") from None
     axes = tuple(parse_grid_axis(text) for text in args.grid)
     fixed = tuple(parse_assignment(text, "--set") for text in args.fixed)
-    check_keys(axes, fixed)
+    method_fixed = tuple(parse_method_assignment(text) for text in args.method_fixed)
+    check_keys(axes, fixed, method_fixed)
     launcher = tuple(shlex.split(args.launcher))
     if not launcher:
         raise UserError("empty command", key="--launcher")
@@ -73,6 +86,7 @@ def parse_sweep(args: argparse.Namespace) -> Sweep:
         methods=tuple(parse_methods(args.methods)),
         seeds=tuple(parse_seeds(args.seeds)),
         launcher=launcher,
+        method_fixed=method_fixed,
     )
 
 

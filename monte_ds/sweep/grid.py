@@ -54,6 +54,16 @@ def parse_assignment(text: str, flag: str) -> tuple[str, str]:
     return key, value
 
 
+def parse_method_assignment(text: str) -> tuple[str, str, str]:
+    """`monteclora:eval.predictive_samples=10` (the format of --set-for) -> (method, key, value)."""
+    method, sep, assignment = text.partition(":")
+    if not sep or method not in METHODS:
+        raise UserError(
+            f"expected METHOD:key.path=value with METHOD one of {', '.join(METHODS)}, got {text!r}", key="--set-for"
+        )
+    return (method, *parse_assignment(assignment, "--set-for"))
+
+
 def parse_grid_axis(text: str) -> GridAxis:
     """`training.learning_rate=3e-4,3e-5` -> one axis; values are comma-separated."""
     key, raw = parse_assignment(text, "--grid")
@@ -92,15 +102,27 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def check_keys(axes: Sequence[GridAxis], fixed: Sequence[tuple[str, str]]) -> None:
-    """The sweep owns the method, seed and output keys; a key is either swept or fixed, once."""
+def check_keys(
+    axes: Sequence[GridAxis], fixed: Sequence[tuple[str, str]], method_fixed: Sequence[tuple[str, str, str]] = ()
+) -> None:
+    """The sweep owns the method, seed and output keys; a key is either swept, fixed for every
+    method, or fixed for some methods, once per method."""
     seen: dict[str, str] = {}
-    for flag, key in [("--grid", axis.key) for axis in axes] + [("--set", key) for key, _ in fixed]:
+    shared = [("--grid", axis.key) for axis in axes] + [("--set", key) for key, _ in fixed]
+    for flag, key in shared + [("--set-for", key) for _, key, _ in method_fixed]:
         if key in RESERVED_KEYS:
             raise UserError(f"{key} is set by the sweep itself (use --methods / --seeds / --output)", key=flag)
+    for flag, key in shared:
         if key in seen:
             raise UserError(f"{key} is given more than once (also in {seen[key]})", key=flag)
         seen[key] = flag
+    per_method: set[tuple[str, str]] = set()
+    for method, key, _ in method_fixed:
+        if key in seen:
+            raise UserError(f"{key} is given more than once (also in {seen[key]})", key="--set-for")
+        if (method, key) in per_method:
+            raise UserError(f"{key} is given more than once for {method}", key="--set-for")
+        per_method.add((method, key))
 
 
 def expand(axes: Sequence[GridAxis], methods: Sequence[str], seeds: Sequence[int]) -> list[Run]:

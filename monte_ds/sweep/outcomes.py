@@ -18,6 +18,10 @@ from monte_ds.run_folder import COMPLETED, CONFIG_JSON, DIVERGED, METRICS_JSON, 
 
 # A run's own statuses (run_folder's), and the sweep's for a run without one.
 Status = Literal[run_folder.Status, "failed", "pending"]
+# The calibration metrics of multiple-choice tasks (all lower is better), at the adapter's mean
+# under their own names; averaged over posterior draws as "<name>,predictive" (with "acc").
+CALIBRATION = ("nll", "ece", "brier")
+PREDICTIVE = "predictive"
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,17 @@ class Metric:
     def label(self) -> str:
         metric, _, filter_name = self.name.partition(",")
         return metric if filter_name in ("", "none") else f"{metric} ({filter_name})"
+
+    @property
+    def predictive(self) -> bool:
+        """Scored on the posterior-predictive average of MonteCLoRA's draws."""
+        return self.name.partition(",")[2] == PREDICTIVE
+
+    @property
+    def point(self) -> Metric:
+        """The same quantity at the adapter's mean (lm-eval's acc, the calibration metrics)."""
+        base = self.name.partition(",")[0]
+        return Metric(self.task, f"{base},none" if base == "acc" else base, self.higher_is_better)
 
 
 @dataclass
@@ -61,7 +76,8 @@ def read_outcome(run_dir: Path) -> Outcome:
 
 
 def report_scores(report: dict[str, Any]) -> dict[Metric, float]:
-    """Every metric of an evaluation report: lm-eval's results and the calibration NLL/ECE."""
+    """Every metric of an evaluation report: lm-eval's results, the calibration metrics and,
+    where the report has them, their posterior-predictive counterparts (with the accuracy)."""
     lm_eval = report["lm_eval"]
     scores = {}
     for task, results in lm_eval["results"].items():
@@ -70,9 +86,13 @@ def report_scores(report: dict[str, Any]) -> dict[Metric, float]:
             if _is_number(value):
                 scores[Metric(task, f"{metric},{filter_name}", bool(direction.get(metric, True)))] = float(value)
     for task, calibration in (report.get("calibration") or {}).items():
-        for name in ("nll", "ece"):
+        for name in CALIBRATION:
             if _is_number(calibration.get(name)):
                 scores[Metric(task, name, higher_is_better=False)] = float(calibration[name])
+    for task, calibration in ((report.get("predictive") or {}).get("tasks") or {}).items():
+        for name in ("acc", *CALIBRATION):
+            if _is_number(calibration.get(name)):
+                scores[Metric(task, f"{name},{PREDICTIVE}", higher_is_better=name == "acc")] = float(calibration[name])
     return scores
 
 

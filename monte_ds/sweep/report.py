@@ -1,7 +1,13 @@
 """sweep.json, sweep.md and the box plots: the robustness statistics of a sweep's runs.
 
 Pending runs (not run yet, e.g. still queued on a cluster) are listed but are not results;
-failed and diverged runs are results and enter every statistic (see `stats`).
+failed and diverged runs are results and enter every statistic (see `stats`). Each paired test
+comes with its effect size (median difference, bootstrap interval) and the minimum detectable
+effect for its number of pairs, under the assumptions `EFFECT_ASSUMPTIONS` records.
+
+Posterior-predictive metrics (`outcomes.PREDICTIVE`) exist for MonteCLoRA, the one method with a
+posterior; every other method predicts with its single adapter, so its posterior-predictive score
+is its ordinary one, and MonteCLoRA's K-draw average is compared with that.
 """
 
 from __future__ import annotations
@@ -16,13 +22,37 @@ from monte_ds.atomic import atomic_write_json, atomic_write_text
 from monte_ds.sweep.grid import Run
 from monte_ds.sweep.outcomes import Metric, Outcome, Status
 from monte_ds.sweep.plots import box_plot, plot_filename
-from monte_ds.sweep.stats import Score, paired_test, summarize
+from monte_ds.sweep.stats import (
+    ALPHA,
+    BOOTSTRAP_RESAMPLES,
+    BOOTSTRAP_SEED,
+    CONFIDENCE,
+    POWER,
+    Score,
+    effect_size,
+    paired_test,
+    summarize,
+)
 
 SWEEP_JSON = "sweep.json"
 SWEEP_MD = "sweep.md"
 PLOTS_DIR = "plots"
 STATUSES = get_args(Status)  # completed, diverged, failed, pending
 REFERENCE_METHOD = "monteclora"
+POSTERIOR_METHODS = ("monteclora",)  # methods whose adapters have a posterior to sample
+EFFECT_ASSUMPTIONS = {
+    "difference": "median over the matched pairs of A - B, in the metric's units; a failed run is an unbounded loss",
+    "interval": f"{CONFIDENCE:.0%} percentile bootstrap of that median, {BOOTSTRAP_RESAMPLES} resamples of the pairs, "
+    f"seed {BOOTSTRAP_SEED}",
+    "mde": f"smallest mean difference a two-sided Wilcoxon signed-rank test at alpha = {ALPHA} detects with power "
+    f"{POWER}: paired t-test formula, t with n - 1 degrees of freedom, efficiency 3/pi; the spread is the sample "
+    "standard deviation of the finite paired differences; unbounded when 2 / 2^n > alpha",
+    "alpha": ALPHA,
+    "power": POWER,
+    "confidence": CONFIDENCE,
+    "bootstrap_resamples": BOOTSTRAP_RESAMPLES,
+    "bootstrap_seed": BOOTSTRAP_SEED,
+}
 
 
 def compared_pairs(methods: Sequence[str]) -> list[tuple[str, str]]:
@@ -36,7 +66,10 @@ def compared_pairs(methods: Sequence[str]) -> list[tuple[str, str]]:
 def metric_scores(
     runs: Sequence[Run], outcomes: Mapping[str, Outcome], metric: Metric, method: str
 ) -> dict[tuple, Score]:
-    """match key -> score of `method`'s non-pending runs; a run without the score counts as failed."""
+    """match key -> score of `method`'s non-pending runs; a run without the score counts as failed.
+    A posterior-predictive metric of a method without a posterior is its point metric."""
+    if metric.predictive and method not in POSTERIOR_METHODS:
+        metric = metric.point
     return {
         run.match_key: outcomes[run.run_id].scores.get(metric)
         for run in runs
@@ -64,8 +97,10 @@ def summarize_sweep(
         for a, b in compared_pairs(methods):
             matched = [key for key in by_method[a] if key in by_method[b]]
             if matched:
-                test = paired_test([by_method[a][k] for k in matched], [by_method[b][k] for k in matched], metric.higher_is_better)
-                comparisons.append({"a": a, "b": b, **test.to_dict()})
+                scores_a, scores_b = [by_method[a][k] for k in matched], [by_method[b][k] for k in matched]
+                test = paired_test(scores_a, scores_b, metric.higher_is_better)
+                effect = effect_size(scores_a, scores_b, metric.higher_is_better)
+                comparisons.append({"a": a, "b": b, **test.to_dict(), **effect.to_dict()})
         sections.append(
             {
                 "task": metric.task,
@@ -90,6 +125,7 @@ def build_sweep_report(
     return {
         **header,
         "counts": counts,
+        "effect_assumptions": EFFECT_ASSUMPTIONS,
         "metrics": summarize_sweep(runs, outcomes, methods),
         "runs": [
             {
@@ -136,6 +172,13 @@ def markdown(report: Mapping[str, Any]) -> str:
         "Failed and diverged runs rank below every finished run: they make `worst` and `spread` unbounded (∞)",
         "and `median` reads `failed` once half of a method's runs failed. Robustness is the median (paper eq. 3)",
         "where higher is better and 1/median (eq. 2) where lower is better.",
+        "",
+        f"Beside each Wilcoxon test: the median paired difference A − B in the metric's units with its "
+        f"{CONFIDENCE:.0%} percentile-bootstrap interval ({BOOTSTRAP_RESAMPLES} resamples, seed {BOOTSTRAP_SEED}; "
+        "a failure is an unbounded difference), and the minimum detectable effect (MDE): the mean difference that "
+        f"test finds with power {POWER} at α = {ALPHA} (two-sided) for that number of pairs, taking the spread of "
+        "the differences to be their sample standard deviation (finite pairs). ∞: no outcome of so few pairs "
+        "can reach α. Posterior-predictive metrics: methods without a posterior predict with their one adapter.",
     ]
     for section in report["metrics"]:
         direction = "higher" if section["higher_is_better"] else "lower"
@@ -147,10 +190,12 @@ def markdown(report: Mapping[str, Any]) -> str:
                      _fmt(s["spread"])]
             lines.append("| " + " | ".join(str(c) for c in cells) + " |")
         if section["comparisons"]:
-            lines += ["", "| Wilcoxon signed-rank | pairs | A better | B better | ties | W | p |", "|---|---|---|---|---|---|---|"]
+            lines += ["", f"| Wilcoxon signed-rank | pairs | A better | B better | ties | W | p | median A − B "
+                      f"[{CONFIDENCE:.0%} CI] | MDE |", "|---|---|---|---|---|---|---|---|---|"]
             for c in section["comparisons"]:
                 cells = [f"A={c['a']} vs B={c['b']}", c["n_pairs"], c["a_better"], c["b_better"], c["ties"],
-                         _fmt(c["statistic"]), _fmt(c["p_value"])]
+                         _fmt(c["statistic"]), _fmt(c["p_value"]),
+                         f"{_signed(c['difference'])} [{_signed(c['ci_low'])}, {_signed(c['ci_high'])}]", _fmt(c["mde"])]
                 lines.append("| " + " | ".join(str(x) for x in cells) + " |")
         lines += ["", f"![{section['task']} {section['label']}]({section['plot']})"]
     lines += _runs_table(report)
@@ -173,3 +218,10 @@ def _fmt(value: float | None, infinite: str = "∞") -> str:
     if value is None or math.isnan(value):
         return "—"
     return infinite if math.isinf(value) else f"{value:.4g}"
+
+
+def _signed(value: float | None) -> str:
+    """A difference: an unbounded one keeps its sign (a failure of A or of B)."""
+    if value is not None and math.isinf(value):
+        return "+∞" if value > 0 else "−∞"
+    return _fmt(value)

@@ -41,6 +41,9 @@ class Sweep:
     methods: tuple[str, ...]
     seeds: tuple[int, ...]
     launcher: tuple[str, ...] = DEFAULT_LAUNCHER
+    # (method, key, value): overrides for one method's runs only, e.g. an evaluation option only
+    # MonteCLoRA has (posterior-predictive draws). The runs still pair on (grid point, seed).
+    method_fixed: tuple[tuple[str, str, str], ...] = ()
 
     @property
     def runs(self) -> list[Run]:
@@ -55,14 +58,28 @@ class Sweep:
     def command(self, run: Run) -> list[str]:
         """The run's training command; `--resume` when an interrupted attempt left a checkpoint
         (monte-ds train refuses to start over such a directory, and resuming reproduces the run)."""
-        command = train_command(self.launcher, self.config, self.fixed, run, self.run_dir(run))
+        command = train_command(self.launcher, self.config, self.fixed_for(run.method), run, self.run_dir(run))
         if latest_complete_checkpoint(self.run_dir(run)) is not None:
             command.append("--resume")
         return command
 
+    def fixed_for(self, method: str) -> tuple[tuple[str, str], ...]:
+        """The overrides of `method`'s runs: --set, then its --set-for."""
+        return self.fixed + tuple((key, value) for m, key, value in self.method_fixed if m == method)
+
     def settings(self) -> dict[str, Any]:
         """What every run shares: a restart into the same dir must not mix runs of two of these."""
-        return {"config": json.loads(self.config.read_text()), "set": dict(self.fixed)}
+        settings = {"config": json.loads(self.config.read_text()), "set": dict(self.fixed)}
+        if self.method_fixed:  # absent when unused, as in the settings of sweeps made before --set-for
+            settings["set_for"] = self.set_for()
+        return settings
+
+    def set_for(self) -> dict[str, dict[str, str]]:
+        """method -> its own overrides (--set-for)."""
+        by_method: dict[str, dict[str, str]] = {}
+        for method, key, value in self.method_fixed:
+            by_method.setdefault(method, {})[key] = value
+        return by_method
 
 
 def check_settings(sweep: Sweep) -> None:
@@ -70,7 +87,7 @@ def check_settings(sweep: Sweep) -> None:
     path = sweep.output / SETTINGS_JSON
     if path.exists() and json.loads(path.read_text()) != sweep.settings():
         raise UserError(
-            f"{sweep.output} holds runs made with another base config or --set overrides "
+            f"{sweep.output} holds runs made with another base config or --set / --set-for overrides "
             f"(see {path}); use a new --output",
             key="--output",
         )
@@ -124,6 +141,7 @@ def _write_report(sweep: Sweep, command_line: str, runs: Sequence[Run], outcomes
         "config": str(sweep.config),
         "grid": {axis.key: list(axis.values) for axis in sweep.axes},
         "set": dict(sweep.fixed),
+        "set_for": sweep.set_for(),
         "methods": list(sweep.methods),
         "seeds": list(sweep.seeds),
     }
