@@ -31,3 +31,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+# The air-gapped GPU node's kit (docs/performance.md): the wheels it lacks for CPython 3.12,
+# the suite's files and run.sh, in .gpu-kit/ (<= 60 MiB). Needs PyPI here, nothing there.
+.PHONY: gpu-kit
+gpu-kit: $(STAMP)
+	$(BIN)/python scripts/gpu_kit.py build --out .gpu-kit
