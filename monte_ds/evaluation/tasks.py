@@ -107,6 +107,12 @@ def task_configs(
     configs, missing = {}, {}
     for name in names:
         config = load_yaml(manager.task_index[name].yaml_path, resolve_func=True)
+        if data_dir is None and is_generated(config):
+            raise UserError(
+                f"{name} is a generated task with no hub dataset: set data_dir to a folder of its generated rows "
+                "(monte_ds.evaluation.generated.write_tasks)",
+                key="data_dir",
+            )
         if name == humaneval.TASK:
             config = humaneval.with_samples(config, humaneval_samples)
         elif data_dir is not None:
@@ -123,6 +129,11 @@ def task_configs(
         if config.get("dataset_path") == "json":  # read offline, from data_dir
             check_task_files(name, config)
     return configs
+
+
+def is_generated(config: dict[str, Any]) -> bool:
+    """A task whose rows monte-ds generates (`metadata.generated` in its YAML): offline only."""
+    return bool((config.get("metadata") or {}).get("generated"))
 
 
 def load_tasks(
