@@ -94,11 +94,12 @@ def run_capped(command: Sequence[str], cap_s: float) -> subprocess.CompletedProc
         except subprocess.TimeoutExpired:
             signal_group(process.pid, signal.SIGTERM)  # overhead.py then removes its saved base model
             try:
-                stdout, _ = process.communicate(timeout=min(TERM_GRACE_S, cap_s / 4))
+                stdout, stderr = process.communicate(timeout=min(TERM_GRACE_S, cap_s / 4))
             except subprocess.TimeoutExpired:
                 signal_group(process.pid, signal.SIGKILL)
-                stdout, _ = process.communicate()
-            raise StepTimeout(f"stopped at its cap of {cap_s:.0f} s", {"output_tail": stdout[-3000:]}) from None
+                stdout, stderr = process.communicate()
+            tails = {"output_tail": stdout[-3000:], "stderr_tail": stderr[-3000:]}
+            raise StepTimeout(f"stopped at its cap of {cap_s:.0f} s", tails) from None
         finally:  # whatever ended it (done, cap, our own interrupt): nothing of the step stays on the GPU
             signal_group(process.pid, signal.SIGKILL)
     return subprocess.CompletedProcess(list(command), process.returncode, stdout, stderr)
