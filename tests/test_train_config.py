@@ -275,3 +275,24 @@ def test_bundled_data_is_what_the_generator_writes():
     assert check.returncode == 0, check.stderr
     prepared = prepare_dataset(load_training_data("bundled:tiny_instruct.jsonl"))
     assert len(prepared) == sum(1 for _ in path.open()) and prepared.column_names == ["prompt", "completion"]
+
+
+def test_reentrant_checkpointing_under_plain_ddp_is_refused_on_every_rank():
+    """DDP's reducer refuses a gradient hook that fires once per replayed block; ZeRO, FSDP2, a
+    single process and non-reentrant checkpointing all take it."""
+    from types import SimpleNamespace
+
+    from monte_ds.train.run import check_reentrant_checkpointing
+
+    def args(**overrides):
+        values = dict(world_size=2, deepspeed=None, fsdp="", activation_checkpointing=True,
+                      activation_checkpointing_kwargs={"use_reentrant": True})
+        return SimpleNamespace(**{**values, **overrides})
+
+    with pytest.raises(UserError) as error:
+        check_reentrant_checkpointing(args())
+    assert str(error.value).startswith("training.activation_checkpointing_kwargs: reentrant activation checkpointing")
+    for fine in [dict(world_size=1), dict(deepspeed={"zero_optimization": {"stage": 3}}), dict(fsdp="full_shard"),
+                 dict(activation_checkpointing_kwargs={"use_reentrant": False}), dict(activation_checkpointing_kwargs=None),
+                 dict(activation_checkpointing=False)]:
+        check_reentrant_checkpointing(args(**fine))

@@ -52,8 +52,14 @@ def remove_incomplete(output_dir: str | Path) -> list[Path]:
     return removed
 
 
-def mark_complete(checkpoint: Path, global_step: int) -> None:
-    atomic_write_json(checkpoint / CHECKPOINT_MARKER_JSON, {"global_step": global_step})
+def mark_complete(checkpoint: Path, global_step: int, num_tokens: int = 0) -> None:
+    """Written last. `num_tokens`: TRL's count of tokens trained on, which its logs carry and its
+    checkpoints do not, so that a resumed run logs the uninterrupted run's counts."""
+    atomic_write_json(checkpoint / CHECKPOINT_MARKER_JSON, {"global_step": global_step, "num_tokens": num_tokens})
+
+
+def read_marker(checkpoint: Path) -> dict[str, Any]:
+    return json.loads((checkpoint / CHECKPOINT_MARKER_JSON).read_text())
 
 
 def write_sampler_state(checkpoint: Path, state: dict[str, Any]) -> None:

@@ -146,6 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def execute(plan: Plan) -> int:
     config, args = plan.config, plan.args
     _init_distributed(args)
+    check_reentrant_checkpointing(args)
     with args.main_process_first(local=False, desc="preparing the output directory"):
         if args.process_index == 0:
             _prepare_output_dir(config, fresh=plan.resume_from is None)
@@ -199,6 +200,21 @@ def _init_distributed(args: SFTConfig) -> None:
         import deepspeed
 
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
+
+
+def check_reentrant_checkpointing(args: SFTConfig) -> None:
+    """Plain DDP cannot take reentrant activation checkpointing: each replayed block runs a
+    backward pass of its own, so a parameter's gradient hook fires more than once per step (peft's
+    LoRA B and MonteCLoRA's v and alpha), which DDP's reducer refuses even with a static graph.
+    Refused on every rank before the model is loaded; ZeRO and FSDP2 take it."""
+    kwargs = args.activation_checkpointing_kwargs or {}
+    plain_ddp = args.world_size > 1 and not args.deepspeed and not args.fsdp
+    if plain_ddp and args.activation_checkpointing and kwargs.get("use_reentrant"):
+        raise UserError(
+            "reentrant activation checkpointing fires a parameter's gradient hook once per replayed block, which "
+            "DDP refuses; use {\"use_reentrant\": false} (the default), or DeepSpeed ZeRO or FSDP2",
+            key="training.activation_checkpointing_kwargs",
+        )
 
 
 def _prepare_output_dir(config: TrainConfig, fresh: bool) -> None:

@@ -3,7 +3,7 @@
 - the regulariser (`monteclora_losses(model)["total"]`) added to each micro-batch's loss, scaled
   exactly as the Trainer scales the task loss under gradient accumulation;
 - its terms logged separately (progress bar, logs, TensorBoard), averaged over ranks;
-- the sampler's noise counter saved in every checkpoint and restored on resume;
+- the sampler's noise counter (and TRL's token count) saved in every checkpoint and restored on resume;
 - checkpoints marked complete only once every rank has written (see `checkpoints`);
 - a non-finite loss on any rank stops the run on every rank, and nothing more is saved;
 - a multi-rank run that stops making progress exits with a message (`watchdog`), never hangs.
@@ -168,7 +168,7 @@ class MonteCLoRATrainer(SFTTrainer):
             torch.save(_allocator_state(self.adalora), checkpoint / CHECKPOINT_ADALORA_STATE)
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
-            checkpoints.mark_complete(checkpoint, self.state.global_step)
+            checkpoints.mark_complete(checkpoint, self.state.global_step, num_tokens=int(self._total_train_tokens))
             rotate_checkpoints(str(run_dir), self.save_total_limit, self.state.best_model_checkpoint, use_mtime=True)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
@@ -182,6 +182,8 @@ class MonteCLoRATrainer(SFTTrainer):
                 model.get_prompt_embedding_to_save(model.active_adapter)
 
     def train(self, resume_from_checkpoint: str | None = None, **kwargs: Any):
+        if resume_from_checkpoint is not None:
+            self._total_train_tokens = checkpoints.read_marker(Path(resume_from_checkpoint)).get("num_tokens", 0)
         if resume_from_checkpoint is not None and self.is_monteclora:
             load_sampler_state(self.model, checkpoints.read_sampler_state(Path(resume_from_checkpoint)))
         if resume_from_checkpoint is not None and self.adalora_budget is not None:
