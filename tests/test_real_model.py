@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from monte_ds import load_adapter, pretrained
 from monte_ds.errors import UserError, run_cli
+from monte_ds.train.config import validate_config
 from monte_ds.train.run import main
 
 pytestmark = pytest.mark.slow
@@ -92,6 +94,32 @@ def test_a_killed_conversion_leaves_nothing_at_the_path(tmp_path):
         process.kill()
     assert not target.exists()
     assert not pretrained.is_prepared(target)
+
+
+def test_a_missing_extra_is_one_line_naming_it(tmp_path, monkeypatch, capsys):
+    missing = replace(pretrained.PACKAGED[NAME], distribution="monte-ds-no-such-distribution")
+    monkeypatch.setitem(pretrained.PACKAGED, NAME, missing)
+    config = write_config(tmp_path, tmp_path / "base", "none")
+    assert run_cli(main, ["--config", str(config)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("monte-ds: error: model.prepare: ") and "\n" not in error
+    assert "'smollm2' extra" in error and "monte-ds-no-such-distribution" in error
+    assert not (tmp_path / "base").exists() and not (tmp_path / "out").exists()
+
+
+def test_a_gguf_base_is_checked_before_anything_is_loaded(tmp_path):
+    gguf = pretrained.packaged_gguf(NAME)
+    raw = json.loads(write_config(tmp_path, gguf.parent, "none").read_text())
+    raw["model"] = {"path": str(gguf.parent), "gguf_file": gguf.name, "dtype": "float32"}
+    assert validate_config(raw).model.gguf_file == gguf.name
+    for change, key in [
+        ({"model": {**raw["model"], "gguf_file": "missing.gguf"}}, "model.gguf_file"),
+        ({"model": {**raw["model"], "prepare": NAME}}, "model.gguf_file"),
+        ({"quantization": {"mode": "nf4"}}, "quantization.mode"),
+    ]:
+        with pytest.raises(UserError) as caught:
+            validate_config({**raw, **change})
+        assert caught.value.key == key
 
 
 # -- training on it -----------------------------------------------------------------------------------
