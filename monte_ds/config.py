@@ -147,11 +147,6 @@ class MonteCLoRAConfig:
         return max([self.r, *self.rank_pattern.values()])
 
     @property
-    def degrees_of_freedom(self) -> float:
-        """The Wishart nu actually used."""
-        return float(self.r if self.wishart_df is None else self.wishart_df)
-
-    @property
     def resolved_target_modules(self) -> list[str] | str:
         """What peft matches: null is LLaMA's projections, and one plain module name is that
         name (peft would read a lone string as a regex over the full module path)."""

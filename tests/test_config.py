@@ -7,7 +7,7 @@ from monte_ds.errors import InputError
 def test_defaults_follow_the_paper():
     config = MonteCLoRAConfig()
     assert (config.n_components, config.sample_scaler, config.kl_weight, config.dirichlet_prior) == (4, 5e-3, 1e-5, 1.0)
-    assert config.degrees_of_freedom == config.r  # nu defaults to r (Appendix E.1)
+    assert config.wishart_df is None  # each layer's nu is its own rank (Appendix E.1; test_monteclora_layer)
 
 
 @pytest.mark.parametrize(
