@@ -2,7 +2,7 @@
 
 What a preempted multi-node MonteCLoRA run needs, each compared with plain DDP or with the
 uninterrupted run: the same optimisation under every sharding, the same gradients of v and alpha
-under ZeRO-3 with reentrant activation checkpointing, exact resume after the
+under ZeRO-3 with activation checkpointing and accumulation, exact resume after the
 launcher and all ranks were SIGKILLed, resume after the ZeRO-3 trace changed (eval forwards between
 steps, mixed ranks), 4-bit bases sharded, and every method trained, saved and reloaded under each
 sharding. All slow: each run starts two processes (about a minute here).
@@ -67,10 +67,9 @@ SETUPS = {  # both launchers are covered: `deepspeed` passes --local_rank, torch
     "zero3": ("deepspeed", ZERO3),
     "fsdp2": ("torchrun", FSDP2),
 }
-# What TRL forces for PEFT + ZeRO-3 + checkpointing; MonteCLoRA takes it with accumulation 1 (see
-# test_methods: accumulation > 1 is refused there).
-REENTRANT = ['training.activation_checkpointing=true', 'training.activation_checkpointing_kwargs={"use_reentrant": true}',
-             "training.gradient_accumulation_steps=1"]
+# configs/llama7b.json's checkpointing: non-reentrant, the default (reentrant is refused under ZeRO-3
+# for MonteCLoRA and under plain DDP: see test_methods and test_train_config).
+CHECKPOINTING = ["training.activation_checkpointing=true"]
 NF4 = 'quantization={"mode": "nf4", "double_quant": true, "compute_dtype": "float32"}'
 
 
@@ -197,14 +196,14 @@ def test_two_ranks_match_ddp_agree_with_each_other_and_draw_different_noise(jobs
     assert_same_tensors(ranks[0]["grads"], ddp[0]["grads"], atol=1e-6)
 
 
-# -- ZeRO-3 + reentrant checkpointing: the gradients of v and alpha ---------------------------------
-def test_zero3_with_reentrant_checkpointing_gives_v_and_alpha_the_gradients_of_ddp(jobs):
-    """Reentrant checkpointing (what TRL forces for PEFT + ZeRO-3) reaches the step node once per
-    block, so v and alpha receive several gradients per step, which ZeRO-3 reduces in partitions.
-    The reference is DDP without checkpointing (plain DDP refuses reentrant checkpointing: see
-    `check_reentrant_checkpointing`) at the same batch and accumulation 1."""
-    ddp = jobs("ddp-ga1", "torchrun", "training.gradient_accumulation_steps=1").ranks()
-    zero3 = jobs("zero3-reentrant", *SETUPS["zero3"], *REENTRANT).ranks()
+# -- ZeRO-3 + activation checkpointing + accumulation: the gradients of v and alpha ------------------
+def test_zero3_with_activation_checkpointing_and_accumulation_gives_v_and_alpha_the_gradients_of_ddp(jobs):
+    """The flagship setup: ZeRO-3 with activation checkpointing and accumulation 2. The blocks are
+    recomputed in the backward, v and alpha are reduced in partitions over two micro-steps (the
+    first copied, the second added); recomputation changes no value, so the reference is DDP
+    without checkpointing."""
+    ddp = jobs("ddp", "torchrun").ranks()
+    zero3 = jobs("zero3-checkpointing", *SETUPS["zero3"], *CHECKPOINTING).ranks()
     expected, actual = sampler_grads(ddp[0]["grads"]), sampler_grads(zero3[0]["grads"])
     assert len(expected) == 2 * 14  # v and alpha of 7 projections x 2 layers
     assert all(grad.abs().max() > 0 for grad in expected.values())
@@ -215,11 +214,11 @@ def test_zero3_with_reentrant_checkpointing_gives_v_and_alpha_the_gradients_of_d
 
 # -- resume after preemption ---------------------------------------------------------------------
 def test_zero3_resume_after_sigkill_reproduces_the_uninterrupted_run(jobs):
-    """ZeRO-3 + reentrant checkpointing: the launcher and both ranks are SIGKILLed
+    """ZeRO-3 + activation checkpointing + accumulation 2: the launcher and both ranks are SIGKILLed
     once checkpoint-2 is complete; `--resume` gives steps 3-4 exactly (partitioned optimizer state,
     per-rank RNG, the sampler counter) and the same saved adapter."""
-    overrides = (*SETUPS["zero3"], *REENTRANT)
-    full = jobs("zero3-reentrant", *overrides)
+    overrides = (*SETUPS["zero3"], *CHECKPOINTING)
+    full = jobs("zero3-checkpointing", *overrides)
     jobs("zero3-killed", *overrides, kill_at=2)
     resumed = jobs("zero3-killed@resumed", *overrides, resume=True)
     assert not (resumed.out / "checkpoint-2" / "missing").exists()
@@ -294,10 +293,10 @@ def test_every_method_trains_saves_a_complete_adapter_and_reloads_under_sharding
 
 # -- the flagship run on a real pretrained base ---------------------------------------------------
 def test_zero3_checkpointed_run_on_the_real_model_resumes_exactly_after_sigkill(jobs, prepared):
-    """`configs/llama7b.json`'s setup (ZeRO-3, reentrant activation checkpointing) on
+    """`configs/llama7b.json`'s setup (ZeRO-3, activation checkpointing) on
     SmolLM2-135M-Instruct (GQA, tied embeddings, its chat template), killed and resumed."""
     overrides = (
-        *SETUPS["zero3"], *REENTRANT, f"model.path={prepared}", "data.path=bundled:tiny_chat.jsonl",
+        *SETUPS["zero3"], *CHECKPOINTING, f"model.path={prepared}", "data.path=bundled:tiny_chat.jsonl",
         'adapter={"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}',
         "training.max_length=48", "training.per_device_train_batch_size=1",
     )

@@ -179,7 +179,7 @@ def test_an_option_of_another_method_or_a_bad_value_is_a_one_line_error(method, 
 
 
 ZERO3 = str(Path(__file__).resolve().parents[1] / "configs" / "deepspeed" / "zero3.json")
-REENTRANT_ACCUMULATION = {"output_dir": "unused", "activation_checkpointing": True, "gradient_accumulation_steps": 2}
+REENTRANT = {"output_dir": "unused", "activation_checkpointing": True, "activation_checkpointing_kwargs": {"use_reentrant": True}}
 
 
 @pytest.mark.parametrize(
@@ -190,8 +190,8 @@ REENTRANT_ACCUMULATION = {"output_dir": "unused", "activation_checkpointing": Tr
         ("adalora", {"distributed": {"fsdp": {}}}, "distributed: AdaLoRA's rank allocation reads whole weights"),
         ("adalora", {"distributed": {"deepspeed": ZERO3}}, "distributed: AdaLoRA's rank allocation reads whole weights"),
         ("lora", {"quantization": {"mode": "int8"}, "distributed": {"fsdp": {}}}, "quantization.mode: bitsandbytes' 8-bit weights cannot be sharded"),
-        ("monteclora", {"distributed": {"deepspeed": ZERO3}, "training": REENTRANT_ACCUMULATION},
-         "training.gradient_accumulation_steps: MonteCLoRA under ZeRO-3 with activation checkpointing"),
+        ("monteclora", {"distributed": {"deepspeed": ZERO3}, "training": REENTRANT},
+         "training.activation_checkpointing_kwargs.use_reentrant: MonteCLoRA under ZeRO-3 takes non-reentrant"),
         ("loha", {"distributed": {"deepspeed": ZERO3}}, "distributed.deepspeed: peft's LoHa sizes its factors from the base weight's shape"),
     ],
 )

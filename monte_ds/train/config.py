@@ -306,13 +306,12 @@ def validate_config(raw: dict[str, Any]) -> TrainConfig:
     config = TrainConfig(model, quantization, method, adapter, data, training, deepspeed, fsdp, evaluation, options)
     if model.gguf_file is not None and config.shards_parameters:
         raise UserError("a GGUF base is loaded whole, then dequantised; ZeRO-3 and FSDP2 need a safetensors base", key="model.gguf_file")
-    if method == "monteclora" and config.zero_stage == 3 and training.get("activation_checkpointing") \
-            and training.get("gradient_accumulation_steps", 1) > 1:
+    reentrant = (training.get("activation_checkpointing_kwargs") or {}).get("use_reentrant")
+    if method == "monteclora" and config.zero_stage == 3 and training.get("activation_checkpointing") and reentrant:
         raise UserError(
-            "MonteCLoRA under ZeRO-3 with activation checkpointing (reentrant: TRL forces it for PEFT + ZeRO-3) "
-            "takes 1 here: v and alpha get one gradient per replayed block, and ZeRO-3's accumulation over micro-steps "
-            "fails on them (a known problem); raise per_device_train_batch_size, or use FSDP2",
-            key="training.gradient_accumulation_steps",
+            "MonteCLoRA under ZeRO-3 takes non-reentrant activation checkpointing (the default): reentrant replays "
+            "give v and alpha one gradient per block, which ZeRO-3's gradient reduction fails on",
+            key="training.activation_checkpointing_kwargs.use_reentrant",
         )
     if config.shards_parameters and quantization.mode == "int8":
         raise UserError(
