@@ -178,7 +178,7 @@ def test_an_option_of_another_method_or_a_bad_value_is_a_one_line_error(method, 
     assert str(error.value).startswith(message) and "\n" not in str(error.value)
 
 
-ZERO3 = str(Path(__file__).resolve().parents[1] / "configs" / "deepspeed" / "zero3.json")
+ZERO2, ZERO3 = (str(Path(__file__).resolve().parents[1] / "configs" / "deepspeed" / f"zero{n}.json") for n in (2, 3))
 REENTRANT = {"output_dir": "unused", "activation_checkpointing": True, "activation_checkpointing_kwargs": {"use_reentrant": True}}
 
 
@@ -192,6 +192,8 @@ REENTRANT = {"output_dir": "unused", "activation_checkpointing": True, "activati
         ("lora", {"quantization": {"mode": "int8"}, "distributed": {"fsdp": {}}}, "quantization.mode: bitsandbytes' 8-bit weights cannot be sharded"),
         ("monteclora", {"distributed": {"deepspeed": ZERO3}, "training": REENTRANT},
          "training.activation_checkpointing_kwargs.use_reentrant: MonteCLoRA under ZeRO-3 takes non-reentrant"),
+        ("adalora", {"distributed": {"deepspeed": ZERO2}}, "distributed.deepspeed: AdaLoRA's rank allocation reads the gradients after"),
+        ("prompt_tuning", {"distributed": {"fsdp": {}}}, "distributed.fsdp: peft saves prompt tuning by running its prompt encoder"),
         ("loha", {"distributed": {"deepspeed": ZERO3}}, "distributed.deepspeed: peft's LoHa sizes its factors from the base weight's shape"),
     ],
 )

@@ -319,7 +319,7 @@ def validate_config(raw: dict[str, Any]) -> TrainConfig:
             "the compute dtype, or ZeRO-2",
             key="quantization.mode",
         )
-    check_method_setup(method, quantization.enabled, zero3=config.zero_stage == 3, fsdp=fsdp is not None)
+    check_method_setup(method, quantization.enabled, zero_stage=config.zero_stage, fsdp=fsdp is not None)
     return config
 
 

@@ -140,22 +140,34 @@ def method_options(method: str, section: Mapping[str, Any], adapter: MonteCLoRAC
     return options
 
 
-def check_method_setup(method: str, quantized: bool, zero3: bool, fsdp: bool) -> None:
+def check_method_setup(method: str, quantized: bool, zero_stage: int | None, fsdp: bool) -> None:
     """What a method cannot do with the rest of the config, refused before anything runs."""
     if quantized and method == "full":
         raise UserError("full fine-tuning trains every weight, and quantized weights cannot be trained", key="quantization.mode")
     if quantized and method in ("loha", "lokr"):
         raise UserError(f"peft's {method} has no bitsandbytes layers; use none", key="quantization.mode")
-    if zero3 and method == "loha":
+    if zero_stage == 3 and method == "loha":
         raise UserError(
             "peft's LoHa sizes its factors from the base weight's shape, which ZeRO-3 partitions "
             "before the adapter is attached; use ZeRO-2 or FSDP2",
             key="distributed.deepspeed",
         )
-    if (zero3 or fsdp) and method == "adalora":
+    if (zero_stage == 3 or fsdp) and method == "adalora":
         raise UserError(
             "AdaLoRA's rank allocation reads whole weights and gradients, which ZeRO-3 and FSDP shard",
             key="distributed",
+        )
+    if zero_stage is not None and method == "adalora":
+        raise UserError(
+            "AdaLoRA's rank allocation reads the gradients after the optimizer step, and DeepSpeed's step "
+            "has cleared them by then; use DDP",
+            key="distributed.deepspeed",
+        )
+    if fsdp and method == "prompt_tuning":
+        raise UserError(
+            "peft saves prompt tuning by running its prompt encoder on the saving rank alone, outside the "
+            "forward where FSDP2 gathers it; use DeepSpeed ZeRO-2 or ZeRO-3",
+            key="distributed.fsdp",
         )
 
 
