@@ -232,6 +232,7 @@ EXERCISES: dict[str, Exercise] = {
     "studies/robustness/make_data.py": parse_script_args,
     "studies/robustness/pretrain.py": parse_script_args,
     "studies/robustness/run.sh": check_shell_syntax,
+    "studies/smollm2-robustness/run.sh": check_shell_syntax,
     ".gpu-kit/run.sh": check_gpu_kit_run,
 }
 
