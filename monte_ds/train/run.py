@@ -206,7 +206,8 @@ def check_reentrant_checkpointing(args: SFTConfig) -> None:
     """Plain DDP cannot take reentrant activation checkpointing: each replayed block runs a
     backward pass of its own, so a parameter's gradient hook fires more than once per step (peft's
     LoRA B and MonteCLoRA's v and alpha), which DDP's reducer refuses even with a static graph.
-    Refused on every rank before the model is loaded; ZeRO and FSDP2 take it."""
+    Checked here, on every rank before the model is loaded, because only the launch knows the world
+    size; MonteCLoRA under ZeRO-3, which fails on it too, is refused by `validate_config`."""
     kwargs = args.activation_checkpointing_kwargs or {}
     plain_ddp = args.world_size > 1 and not args.deepspeed and not args.fsdp
     if plain_ddp and args.activation_checkpointing and kwargs.get("use_reentrant"):

@@ -35,7 +35,7 @@ from trl import SFTConfig, SFTTrainer
 
 from monte_ds.errors import UserError
 from monte_ds.monteclora import load_sampler_state, monteclora_layers, monteclora_losses, sampler_state
-from monte_ds.monteclora.engine import REGULARISER_TERMS, gather_zero3
+from monte_ds.monteclora.engine import REGULARISER_TERMS
 from monte_ds.run_folder import CHECKPOINT_ADALORA_STATE
 from monte_ds.train import checkpoints
 from monte_ds.train.model import keep_trainable_fp32
@@ -94,8 +94,6 @@ class MonteCLoRATrainer(SFTTrainer):
         if not (self.is_monteclora and self.model.training):
             return result  # evaluation: the eval-mode model is plain LoRA, the loss is the task loss
         loss, outputs = result if return_outputs else (result, None)
-        if self.is_deepspeed_enabled:
-            _gather_zero3_sampler_parameters(self.model)
         terms = monteclora_losses(self.model)
         loss = loss + terms["total"].to(loss.device) / self.regulariser_divisor(num_items_in_batch)
         self._record_regulariser(terms)
@@ -189,12 +187,6 @@ class MonteCLoRATrainer(SFTTrainer):
         if resume_from_checkpoint is not None and self.adalora_budget is not None:
             self.adalora_budget.resume_from = Path(resume_from_checkpoint) / CHECKPOINT_ADALORA_STATE
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
-
-
-def _gather_zero3_sampler_parameters(model: torch.nn.Module) -> None:
-    """Make v and alpha whole on this rank again after the forward (ZeRO-3 releases them after
-    their module's forward until it has traced a step); a no-op afterwards."""
-    gather_zero3([p for layer in monteclora_layers(model) for p in (layer.wishart_log_scale, layer.concentration_log)])
 
 
 def _is_prompt_learning(model: torch.nn.Module) -> bool:
