@@ -411,6 +411,88 @@ def test_a_missing_config_is_a_user_error(tmp_path, capsys):
     assert "--config: no such file" in capsys.readouterr().err
 
 
+# --- the record: finished runs kept outside the output dir (a fresh checkout has no outputs/) ---
+
+
+def _record_files(record: Path) -> set[str]:
+    return {str(path.relative_to(record)) for path in record.rglob("*") if path.is_file()}
+
+
+def test_a_record_keeps_the_small_files_of_finished_runs_and_survives_a_lost_output(tmp_path, base_config, fake_train, capsys):
+    launcher, calls = fake_train
+    output, record = tmp_path / "outputs" / "sweep", tmp_path / "docs" / "record"
+    args = [*sweep_args(base_config, output, launcher, lrs="0.1,crash,nan"), "--record", str(record)]
+    assert monte_ds(args) == 0
+    before = json.loads((output / "sweep.json").read_text())
+    done = "lora/learning_rate=0.1__per_device_train_batch_size=2__seed=0"
+    (output / "runs" / done / "adapter").mkdir()
+    (output / "runs" / done / "adapter" / "weights.bin").write_bytes(b"\0" * 64)  # never recorded
+
+    files = _record_files(record)
+    assert "settings.json" in files and not any("adapter" in name for name in files)
+    for method in ("lora", "monteclora"):
+        for bs in (1, 2):
+            point = f"runs/{method}/learning_rate={{}}__per_device_train_batch_size={bs}__seed=0"
+            assert {f"{point.format('0.1')}/{name}" for name in ("config.json", "metrics.json", "report/report.json")} <= files
+            assert {f"{point.format('nan')}/{name}" for name in ("config.json", "metrics.json")} <= files  # diverged
+            assert not any(name.startswith(point.format("crash")) for name in files)  # crashed: tried again
+    assert json.loads((record / "settings.json").read_text()) == json.loads((output / "settings.json").read_text())
+
+    # A fresh checkout: the outputs are gone, the record is there. Only the crashed runs are left to do.
+    import shutil
+    shutil.rmtree(tmp_path / "outputs")
+    assert monte_ds([*args, "--plan-only"]) == 0
+    planned = capsys.readouterr().out.splitlines()
+    assert len(planned) == 4 and all("learning_rate=crash" in line for line in planned)
+    assert monte_ds([*args, "--report-only"]) == 0
+    after = json.loads((output / "sweep.json").read_text())
+    # Crashes are not recorded (a restart tries them again): pending until then; every finished
+    # run is reported with its recorded status and scores.
+    assert after["counts"] == {m: {"completed": 2, "diverged": 2, "failed": 0, "pending": 2} for m in ("lora", "monteclora")}
+    finished = {run["run_id"]: (run["status"], run["scores"]) for run in before["runs"] if run["status"] != "failed"}
+    assert {run["run_id"]: (run["status"], run["scores"]) for run in after["runs"] if run["status"] != "pending"} == finished
+    assert {run["run_id"]: run["output_dir"] for run in after["runs"]}[done] == str(record / "runs" / done)
+    assert after["record"] == str(record)
+    calls.write_text("")
+    assert monte_ds(args) == 0  # trains the crashed runs only; the recorded ones are skipped
+    relaunched = sorted(str(Path(line).relative_to(output / "runs")) for line in calls.read_text().splitlines())
+    assert relaunched == sorted(f"{m}/learning_rate=crash__per_device_train_batch_size={bs}__seed=0"
+                                for m in ("lora", "monteclora") for bs in (1, 2))
+    assert json.loads((output / "sweep.json").read_text())["counts"]["lora"] == {
+        "completed": 2, "diverged": 2, "failed": 2, "pending": 0}
+
+
+def test_runs_finished_before_the_record_existed_are_recorded_without_training(tmp_path, base_config, fake_train):
+    launcher, calls = fake_train
+    output, record = tmp_path / "sweep", tmp_path / "record"
+    args = sweep_args(base_config, output, launcher, lrs="0.1,0.2")
+    assert monte_ds(args) == 0
+    calls.write_text("")
+    assert monte_ds([*args, "--record", str(record)]) == 0
+    assert calls.read_text() == ""
+    recorded = {path.parent.relative_to(record / "runs").as_posix() for path in record.rglob("metrics.json")}
+    assert len(recorded) == 8 and "monteclora/learning_rate=0.2__per_device_train_batch_size=1__seed=0" in recorded
+
+
+def test_a_record_of_other_settings_is_refused(tmp_path, base_config, fake_train, capsys):
+    launcher, calls = fake_train
+    record = tmp_path / "record"
+    assert monte_ds([*sweep_args(base_config, tmp_path / "a", launcher, lrs="0.1"), "--record", str(record)]) == 0
+    other = [*sweep_args(base_config, tmp_path / "b", launcher, lrs="0.1"), "--set", "training.max_steps=9"]
+    calls.write_text("")
+    assert monte_ds([*other, "--record", str(record)]) == 2
+    err = capsys.readouterr().err
+    assert "use a new --record" in err and len(err.strip().splitlines()) == 1 and calls.read_text() == ""
+
+
+def test_a_record_that_is_a_file_is_a_user_error(tmp_path, base_config, fake_train, capsys):
+    launcher, _ = fake_train
+    (tmp_path / "record").write_text("")
+    assert monte_ds([*sweep_args(base_config, tmp_path / "sweep", launcher), "--record", str(tmp_path / "record")]) == 2
+    err = capsys.readouterr().err
+    assert "--record" in err and "is not a folder" in err and len(err.strip().splitlines()) == 1
+
+
 # --- reading a run ---------------------------------------------------------------------------
 
 

@@ -3,7 +3,7 @@
     monte-ds sweep --config BASE.json --grid training.learning_rate=3e-4,3e-5 \\
         --grid training.per_device_train_batch_size=8,16,32 --methods lora,monteclora \\
         [--seeds 0,1] [--set key.path=value ...] [--set-for METHOD:key.path=value ...] \\
-        --output DIR [--plan-only | --report-only]
+        --output DIR [--record DIR] [--plan-only | --report-only]
 """
 
 from __future__ import annotations
@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "monteclora:eval.predictive_samples=10; give it the same way on every invocation "
                         "over one --output, whichever --methods it trains")
     parser.add_argument("--output", required=True, type=Path, help="the sweep's folder (runs, logs, report)")
+    parser.add_argument("--record", type=Path, default=None, metavar="DIR",
+                        help="a folder (e.g. committed) that keeps each finished run's config.json, metrics.json and "
+                        "report/report.json: runs recorded there are skipped and reported even when --output has lost them")
     parser.add_argument("--launcher", default=shlex.join(DEFAULT_LAUNCHER),
                         help="the command that trains one run, given --config and --set (default: %(default)s); "
                         "e.g. 'torchrun --nproc-per-node 8 -m monte_ds.cli train'")
@@ -75,6 +78,8 @@ def parse_sweep(args: argparse.Namespace) -> Sweep:
     fixed = tuple(parse_assignment(text, "--set") for text in args.fixed)
     method_fixed = tuple(parse_method_assignment(text) for text in args.method_fixed)
     check_keys(axes, fixed, method_fixed)
+    if args.record is not None and args.record.exists() and not args.record.is_dir():
+        raise UserError(f"{args.record} is not a folder", key="--record")
     launcher = tuple(shlex.split(args.launcher))
     if not launcher:
         raise UserError("empty command", key="--launcher")
@@ -87,6 +92,7 @@ def parse_sweep(args: argparse.Namespace) -> Sweep:
         seeds=tuple(parse_seeds(args.seeds)),
         launcher=launcher,
         method_fixed=method_fixed,
+        record=None if args.record is None else args.record.resolve(),
     )
 
 

@@ -3,6 +3,13 @@
 Everything lives under the sweep's output dir: `runs/<method>/<point>__seed=<s>/` (each run's
 training output dir), `logs/` (each run's stdout and stderr), `settings.json` (the base config
 and fixed overrides the runs were made with), `sweep.json`, `sweep.md` and `plots/`.
+
+A *record* (`--record DIR`, optional) keeps the small files of every finished run outside the
+output dir, e.g. in a committed folder that survives a fresh checkout: `DIR/settings.json` and
+`DIR/runs/<run id>/` with the run's `config.json`, `report/report.json` and `metrics.json` (no
+adapter, no checkpoint). A run recorded there is finished: the sweep skips it and reports it as
+if its output dir were still there. Every run that finishes (or had finished in the output dir)
+is copied into the record when the sweep reaches it.
 """
 
 from __future__ import annotations
@@ -18,9 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from monte_ds.atomic import atomic_write_json
+from monte_ds.atomic import atomic_write_json, atomic_write_text
 from monte_ds.errors import UserError
-from monte_ds.run_folder import EXIT_USER_ERROR
+from monte_ds.evaluation.report import REPORT_JSON
+from monte_ds.run_folder import CONFIG_JSON, EXIT_USER_ERROR, METRICS_JSON, REPORT_DIR
 from monte_ds.sweep.grid import GridAxis, Run, expand, train_command
 from monte_ds.sweep.outcomes import Outcome, read_outcome
 from monte_ds.sweep.report import build_sweep_report, write_sweep_report
@@ -30,6 +38,9 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_LAUNCHER = (sys.executable, "-m", "monte_ds.cli", "train")
 SETTINGS_JSON = "settings.json"
+# What a record keeps of a finished run: what `read_outcome` reads, metrics.json last (a run is
+# recorded once it is there). report.json is absent for a run without an evaluation or diverged.
+RECORD_FILES = (CONFIG_JSON, f"{REPORT_DIR}/{REPORT_JSON}", METRICS_JSON)
 
 
 @dataclass(frozen=True)
@@ -44,6 +55,8 @@ class Sweep:
     # (method, key, value): overrides for one method's runs only, e.g. an evaluation option only
     # MonteCLoRA has (posterior-predictive draws). The runs still pair on (grid point, seed).
     method_fixed: tuple[tuple[str, str, str], ...] = ()
+    # A folder that keeps the small result files of finished runs (see the module docstring).
+    record: Path | None = None
 
     @property
     def runs(self) -> list[Run]:
@@ -51,6 +64,21 @@ class Sweep:
 
     def run_dir(self, run: Run) -> Path:
         return self.output / "runs" / run.run_id
+
+    def record_dir(self, run: Run) -> Path | None:
+        return None if self.record is None else self.record / "runs" / run.run_id
+
+    def outcome(self, run: Run) -> tuple[Outcome, Path]:
+        """The run's result and the folder it was read from: its output dir, or its record when
+        only the record has a result (e.g. in a fresh checkout, without the outputs)."""
+        run_dir = self.run_dir(run)
+        outcome = read_outcome(run_dir)
+        record_dir = self.record_dir(run)
+        if not outcome.finished and record_dir is not None:
+            recorded = read_outcome(record_dir)
+            if recorded.finished:
+                return recorded, record_dir
+        return outcome, run_dir
 
     def log_path(self, run: Run) -> Path:
         return self.output / "logs" / f"{run.run_id.replace('/', '__')}.log"
@@ -83,19 +111,36 @@ class Sweep:
 
 
 def check_settings(sweep: Sweep) -> None:
-    """Refuse to add runs to an output dir whose finished runs used another base config or --set."""
-    path = sweep.output / SETTINGS_JSON
-    if path.exists() and json.loads(path.read_text()) != sweep.settings():
-        raise UserError(
-            f"{sweep.output} holds runs made with another base config or --set / --set-for overrides "
-            f"(see {path}); use a new --output",
-            key="--output",
-        )
+    """Refuse to add runs to an output dir (or a record) whose finished runs used another base
+    config or --set."""
+    for folder, flag in ((sweep.output, "--output"), (sweep.record, "--record")):
+        path = None if folder is None else folder / SETTINGS_JSON
+        if path is not None and path.exists() and json.loads(path.read_text()) != sweep.settings():
+            raise UserError(
+                f"{folder} holds runs made with another base config or --set / --set-for overrides "
+                f"(see {path}); use a new {flag}",
+                key=flag,
+            )
+
+
+def record_run(sweep: Sweep, run: Run) -> bool:
+    """Copy a finished run's small files from its output dir into the record (metrics.json last);
+    False when there is no record or nothing new to copy."""
+    record_dir = sweep.record_dir(run)
+    if record_dir is None or not read_outcome(sweep.run_dir(run)).finished:
+        return False
+    copied = False
+    for name in RECORD_FILES:
+        source, target = sweep.run_dir(run) / name, record_dir / name
+        if source.is_file() and (not target.is_file() or target.read_bytes() != source.read_bytes()):
+            atomic_write_text(target, source.read_text())
+            copied = True
+    return copied
 
 
 def pending_commands(sweep: Sweep) -> list[str]:
     """One shell command per run that has no result yet (what --plan-only prints)."""
-    return [shlex.join(sweep.command(run)) for run in sweep.runs if not read_outcome(sweep.run_dir(run)).finished]
+    return [shlex.join(sweep.command(run)) for run in sweep.runs if not sweep.outcome(run)[0].finished]
 
 
 def run_one(sweep: Sweep, run: Run) -> Outcome:
@@ -119,23 +164,36 @@ def execute(sweep: Sweep, command_line: str, *, launch: bool = True) -> dict[str
     if launch:
         check_settings(sweep)
         atomic_write_json(sweep.output / SETTINGS_JSON, sweep.settings())
-    outcomes = {run.run_id: read_outcome(sweep.run_dir(run)) for run in runs}
+        if sweep.record is not None:
+            atomic_write_json(sweep.record / SETTINGS_JSON, sweep.settings())
+            recorded = sum(record_run(sweep, run) for run in runs)  # finished before the record existed
+            if recorded:
+                logger.info("recorded %d finished runs in %s", recorded, sweep.record)
+    found = {run.run_id: sweep.outcome(run) for run in runs}
+    outcomes = {run_id: outcome for run_id, (outcome, _) in found.items()}
+    folders = {run_id: folder for run_id, (_, folder) in found.items()}
     todo = [run for run in runs if not outcomes[run.run_id].finished] if launch else []
     finished = sum(outcome.finished for outcome in outcomes.values())
-    logger.info("%d runs: %d finished, %d to train", len(runs), finished, len(todo))
-    report = _write_report(sweep, command_line, runs, outcomes)
+    from_record = sum(folders[run.run_id] != sweep.run_dir(run) for run in runs)
+    logger.info("%d runs: %d finished (%d of them read from the record), %d to train",
+                len(runs), finished, from_record, len(todo))
+    report = _write_report(sweep, command_line, runs, outcomes, folders)
     for index, run in enumerate(todo, 1):
         logger.info("[%d/%d] training %s", index, len(todo), run.run_id)
         started = time.monotonic()
         outcome = outcomes[run.run_id] = run_one(sweep, run)
+        folders[run.run_id] = sweep.run_dir(run)
+        record_run(sweep, run)
         scores = ", ".join(f"{metric.task} {metric.label} {value:.4g}" for metric, value in outcome.scores.items())
         logger.info("[%d/%d] %s: %s in %.0f s; %s", index, len(todo), run.run_id, outcome.status,
                     time.monotonic() - started, scores or outcome.detail)
-        report = _write_report(sweep, command_line, runs, outcomes)  # progress is visible mid-sweep
+        report = _write_report(sweep, command_line, runs, outcomes, folders)  # progress is visible mid-sweep
     return report
 
 
-def _write_report(sweep: Sweep, command_line: str, runs: Sequence[Run], outcomes: dict[str, Outcome]) -> dict[str, Any]:
+def _write_report(
+    sweep: Sweep, command_line: str, runs: Sequence[Run], outcomes: dict[str, Outcome], folders: dict[str, Path]
+) -> dict[str, Any]:
     header = {
         "command": command_line,
         "config": str(sweep.config),
@@ -145,7 +203,9 @@ def _write_report(sweep: Sweep, command_line: str, runs: Sequence[Run], outcomes
         "methods": list(sweep.methods),
         "seeds": list(sweep.seeds),
     }
-    report = build_sweep_report(header, runs, outcomes, sweep.methods, {run.run_id: sweep.run_dir(run) for run in runs})
+    if sweep.record is not None:
+        header["record"] = str(sweep.record)
+    report = build_sweep_report(header, runs, outcomes, sweep.methods, folders)
     write_sweep_report(sweep.output, report)
     return report
 
