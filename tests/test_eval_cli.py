@@ -85,6 +85,11 @@ def test_4bit_base_with_a_monteclora_adapter(tiny_path, monteclora_adapter, tmp_
         (["--suites", "humaneval"], "monte-ds: error: --allow-code-execution: humaneval runs model-generated code"),
         (["--training-log", "/nonexistent.json"], "monte-ds: error: --training-log: no such file /nonexistent.json"),
         (["--bogus"], "monte-ds: error: unrecognized arguments: --bogus"),
+        (["--suites", "humaneval", "--allow-code-execution", "--humaneval-temperature", "0"],
+         "monte-ds: error: --humaneval-samples: greedy decoding (humaneval_temperature 0) gives one completion per "
+         "problem, not 4: set humaneval_samples to 1"),
+        (["--humaneval-temperature", "-0.5"], "monte-ds: error: --humaneval-temperature: -0.5 is less than the minimum of 0"),
+        (["--humaneval-temperature", "hot"], "monte-ds: error: argument --humaneval-temperature: invalid float value: 'hot'"),
     ],
 )
 def test_user_errors_are_one_line_and_exit_2(tiny_path, tmp_path, capsys, extra, message):

@@ -46,6 +46,7 @@ def test_schema_accepts_a_full_section_and_rejects_bad_values():
     [
         ({"limit": "3"}, "limit", 'expected integer or null, got "3"'),
         ({"humaneval_samples": 0}, "humaneval_samples", "0 is less than the minimum of 1"),
+        ({"humaneval_temperature": "0"}, "humaneval_temperature", 'expected number, got "0"'),
         ({"allow_code_execution": "yes"}, "allow_code_execution", 'expected boolean, got "yes"'),
         ({"batch_size": True}, "batch_size", "expected integer, got true"),
         ({"suites": ["gsm8k", 3]}, "suites.1", "expected string, got 3"),
@@ -70,3 +71,5 @@ def test_cli_flags_are_derived_from_the_options():
     assert args["suites"] == ["gsm8k", "commonsense"]
     assert args["limit"] == 5 and args["allow_code_execution"] is True and args["data_dir"] == "/d"
     assert "num_fewshot" not in args  # unset flags fall back to the EvalOptions defaults
+    assert parser.parse_args(["--model", "m", "--output", "o", "--suites", "humaneval",
+                              "--humaneval-temperature", "0.2"]).humaneval_temperature == 0.2

@@ -62,8 +62,12 @@ def test_report_of_commonsense_and_gsm8k(model, tokenizer, training_log, tmp_pat
         suites=["commonsense", "gsm8k"], data_dir=str(FIXTURES), limit=2, max_gen_toks=8, batch_size=4,
     )
     assert model.training, "the caller's train/eval mode is restored"
-    assert sorted(p.name for p in out.iterdir()) == ["reliability.png", "report.json", "report.md", "training_curves.png"]
-    assert report["files"] == sorted(p.name for p in out.iterdir())
+    assert sorted(p.name for p in out.iterdir()) == [
+        "progress", "reliability.png", "report.json", "report.md", "training_curves.png"
+    ]
+    # gsm8k's scored chunks (batch 4: both documents in one), what a rerun would continue from
+    assert report["files"] == sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert [f for f in report["files"] if f.startswith("progress/")] == ["progress/gsm8k/000000-000001.json"]
     for png in ("reliability.png", "training_curves.png"):
         assert (out / png).read_bytes().startswith(PNG_MAGIC)
     assert json.loads((out / "report.json").read_text()) == report
@@ -93,8 +97,9 @@ def test_report_of_commonsense_and_gsm8k(model, tokenizer, training_log, tmp_pat
 
     assert report["suites"] == {
         "commonsense": {"tasks": COMMONSENSE, "status": "completed", "error": None},
-        "gsm8k": {"tasks": ["gsm8k"], "status": "completed", "error": None},
+        "gsm8k": {"tasks": ["gsm8k"], "status": "completed", "error": None, "progress": {"gsm8k": {"done": 2, "total": 2}}},
     }
+    assert report["partial"] == {}
     # max_gen_toks=8 caps gsm8k's 256 and leaves the rest of the 512-token context to the prompt;
     # the 5-shot prompts are longer than that (lm-eval cuts the first shots), the questions are not.
     limit = report["generation"]["gsm8k"]
@@ -135,7 +140,28 @@ def test_humaneval_executes_every_sample_only_with_the_opt_in(model, tokenizer, 
     results = report["lm_eval"]["results"]["humaneval"]
     assert {"pass@1,all-samples", "pass@2,all-samples"} <= set(results) and "pass@4,all-samples" not in results
     assert report["calibration"] == {}
-    assert sorted(p.name for p in (tmp_path / "report").iterdir()) == ["report.json", "report.md"]
+    assert sorted(p.name for p in (tmp_path / "report").iterdir()) == ["progress", "report.json", "report.md"]
+
+
+def test_greedy_humaneval_is_one_deterministic_completion_per_problem(model, tokenizer, tmp_path):
+    options = dict(suites=["humaneval"], limit=2, max_gen_toks=8, allow_code_execution=True,
+                   humaneval_samples=1, humaneval_temperature=0)
+    report = evaluate(model, tokenizer, tmp_path / "a", **options)
+    kwargs = report["lm_eval"]["configs"]["humaneval"]["generation_kwargs"]
+    assert kwargs["do_sample"] is False and "temperature" not in kwargs and "top_p" not in kwargs
+    assert report["lm_eval"]["configs"]["humaneval"]["repeats"] == 1
+    assert set(report["lm_eval"]["results"]["humaneval"]) == {"name", "alias", "sample_len", "pass@1,all-samples",
+                                                               "pass@1_stderr,all-samples"}
+    again = evaluate(model, tokenizer, tmp_path / "b", **{**options, "seed": 99})  # greedy: no seed matters
+
+    def completions(out):
+        return [s["filtered_resps"] for p in sorted((out / "progress").rglob("*.json")) for s in json.loads(p.read_text())["samples"]]
+
+    assert completions(tmp_path / "a") == completions(tmp_path / "b") and len(completions(tmp_path / "a")) == 2
+    assert again["lm_eval"]["results"] == report["lm_eval"]["results"]
+    with pytest.raises(UserError, match="^humaneval_samples: greedy decoding .* set humaneval_samples to 1"):
+        evaluate(model, tokenizer, tmp_path / "c", **{**options, "humaneval_samples": 4})
+    assert not (tmp_path / "c").exists()
 
 
 def test_lm_eval_itself_refuses_humaneval_without_confirmation(model, tokenizer, monkeypatch):

@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs["type"] = _comma_list
             kwargs["help"] += " (comma-separated)"
         else:
-            kwargs["type"] = next(arg for arg in (*typing.get_args(hint), hint) if arg in (int, str))
+            kwargs["type"] = next(arg for arg in (*typing.get_args(hint), hint) if arg in (int, float, str))
         parser.add_argument(flag(name), required=name == "suites", **kwargs)
     return parser
 

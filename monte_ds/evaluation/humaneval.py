@@ -39,12 +39,20 @@ def keep_all_samples(resps: list[list[str]], docs: list[dict]) -> list[list[str]
     return resps
 
 
-def with_samples(config: dict[str, Any], samples: int) -> dict[str, Any]:
-    """The task config drawing `samples` completions per problem and reporting pass@k for k <= samples."""
+def with_samples(config: dict[str, Any], samples: int, temperature: float = 0.8) -> dict[str, Any]:
+    """The task config drawing `samples` completions per problem at `temperature` (0: one
+    greedy completion) and reporting pass@k for k <= samples."""
     config = copy.deepcopy(config)
     config["repeats"] = samples
     for metric in config["metric_list"]:
         metric["k"] = [k for k in PASS_AT if k <= samples]
+    kwargs = config.setdefault("generation_kwargs", {})
+    if temperature == 0:
+        for key in ("temperature", "top_p"):
+            kwargs.pop(key, None)
+        kwargs["do_sample"] = False
+    else:
+        kwargs.update(do_sample=True, temperature=temperature)
     return config
 
 

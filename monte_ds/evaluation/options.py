@@ -41,6 +41,10 @@ class EvalOptions:
         False, "run model-generated code against HumanEval's tests (required for humaneval)"
     )
     humaneval_samples: int = _option(4, "sampled completions per HumanEval problem (n of pass@k)", minimum=1)
+    humaneval_temperature: float = _option(
+        0.8, "HumanEval sampling temperature (top-p 0.95); 0: greedy decoding, one completion per problem (pass@1)",
+        minimum=0,
+    )
     max_gen_toks: int | None = _option(
         None, "generation length cap; unset: each task's default (either is fitted to the model's context)", minimum=1
     )

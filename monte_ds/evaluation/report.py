@@ -2,7 +2,9 @@
 the generation limits used, run metadata), report.md (one task x metric table with standard
 errors, then the failed suites and the generation limits) and the figures, written together
 as one directory that replaces the previous report atomically. It is rewritten after every
-suite, so a suite that fails, or a run that stops, never loses the suites already done."""
+suite, and after every chunk of a generation task (whose files, under progress/, go with it),
+so a suite that fails, or a run that stops, never loses the suites, nor the documents, already
+done."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from lm_eval.utils import handle_non_serializable
 from matplotlib.figure import Figure
 
 from monte_ds.atomic import atomic_directory, finite_or_null
+from monte_ds.evaluation import chunks
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -58,11 +61,15 @@ def build_report(
     figure_files: list[str],
     suites: dict[str, dict[str, Any]],
     generation: dict[str, dict[str, Any]],
+    partial: dict[str, dict[str, Any]] | None = None,
+    files: list[str] = (),
 ) -> dict[str, Any]:
     """The JSON-ready report; `predictive` holds the K-draw calibration per task, or None;
-    `suites` each suite's tasks, status (completed, failed, pending) and error; `generation`
-    the limits each generation task ran with. Versions the caller lists in
-    `metadata["versions"]` (e.g. the trainer's trl) are kept."""
+    `suites` each suite's tasks, status (completed, partial, failed, pending), error and, for
+    generation tasks, the documents done of the total; `generation` the limits each generation
+    task ran with; `partial` the results so far of the generation tasks not complete (never in
+    `lm_eval`, which holds completed tasks only); `files` the other files (chunks) written.
+    Versions the caller lists in `metadata["versions"]` (e.g. the trainer's trl) are kept."""
     report = {
         "metadata": {
             **metadata,
@@ -76,14 +83,19 @@ def build_report(
         "calibration": calibration,
         "predictive": None if predictive is None else {"draws": options["predictive_samples"], "tasks": predictive},
         "generation": generation,
-        "files": sorted([REPORT_JSON, REPORT_MD, *figure_files]),
+        "partial": partial or {},
+        "files": sorted([REPORT_JSON, REPORT_MD, *figure_files, *files]),
     }
     return _json_safe(report)
 
 
-def write_report(output_dir: str | Path, report: dict[str, Any], figures: dict[str, Figure]) -> None:
-    """report.json, report.md and the figures (by file name), replacing `output_dir` whole."""
+def write_report(
+    output_dir: str | Path, report: dict[str, Any], figures: dict[str, Figure], files: dict[str, Path | str] | None = None
+) -> None:
+    """report.json, report.md, the figures (by file name) and `files` (relative path -> a file
+    to link, or text: the chunks of generation tasks), replacing `output_dir` whole."""
     with atomic_directory(output_dir) as tmp:
+        chunks.place(files or {}, tmp)
         for name, figure in figures.items():
             figure.savefig(tmp / name, dpi=110)
         (tmp / REPORT_MD).write_text(markdown_report(report))
@@ -107,9 +119,12 @@ def markdown_report(report: dict[str, Any]) -> str:
     if unfinished:
         lines = ["## Suites not completed", ""]
         lines += [
-            f"- {name} ({', '.join(suite['tasks'])}): {suite['status']}" + (f" — {suite['error']}" if suite["error"] else "")
+            f"- {name} ({', '.join(suite['tasks'])}): {suite['status']}" + _documents_done(suite)
+            + (f" — {suite['error']}" if suite["error"] else "")
             for name, suite in unfinished.items()
         ]
+        if any(report["partial"].get(task) for suite in unfinished.values() for task in suite["tasks"]):
+            lines += ["", "Rerun into the same report to continue from the documents done (the rows marked partial)."]
         sections.append("\n".join(lines) + "\n")
     if report["generation"]:
         lines = [
@@ -126,8 +141,16 @@ def markdown_report(report: dict[str, Any]) -> str:
     return "\n".join(sections)
 
 
+def _documents_done(suite: dict[str, Any]) -> str:
+    """", 8 of 20 documents done" for a suite with generation tasks begun and not all done."""
+    progress = suite.get("progress") or {}
+    done, total = sum(p["done"] for p in progress.values()), sum(p["total"] for p in progress.values())
+    return f", {done} of {total} documents done" if 0 < done < total else ""
+
+
 def markdown_table(report: dict[str, Any]) -> str:
-    """One table, task x metric, with standard errors (and the posterior-predictive columns)."""
+    """One table, task x metric, with standard errors (and the posterior-predictive columns);
+    the generation tasks not complete after the others, marked partial."""
     lm_eval, predictive = report["lm_eval"], report["predictive"]
     header = ["Task", "Metric", "Value", "Stderr"]
     if predictive:
@@ -141,6 +164,10 @@ def markdown_table(report: dict[str, Any]) -> str:
             if predictive:
                 cells += [_number(drawn.get(calibration_key)), _number(drawn.get(f"{calibration_key}_stderr"))]
             lines.append("| " + " | ".join(cells) + " |")
+    for task, partial in report["partial"].items():
+        label = f"{task} ({partial['n-shot']}-shot, partial: {partial['done']} of {partial['total']})"
+        for metric, value, stderr, _ in _task_rows(partial["results"], None):
+            lines.append("| " + " | ".join([label, metric, _number(value), _number(stderr)] + ["—", "—"] * bool(predictive)) + " |")
     return "\n".join(lines) + "\n"
 
 

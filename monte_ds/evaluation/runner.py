@@ -5,7 +5,9 @@ once (`plan_evaluation`: checks and datasets, no model) and then `run_plan` on t
 Before anything is computed, each generation task's length is fitted to the model's
 context (`limits`). Then every suite runs on its own: its results are written to the
 report as soon as it finishes, and a suite that fails is recorded as failed, with its
-error, while the others still run.
+error, while the others still run. Within a suite, a generation task runs a chunk of
+documents at a time (`chunks`), each kept in the report once scored: an interrupted suite
+is reported as partial, and a rerun into the same report continues it.
 """
 
 from __future__ import annotations
@@ -25,12 +27,13 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from monte_ds.errors import UserError
-from monte_ds.evaluation import humaneval, plots, report
+from monte_ds.evaluation import chunks, humaneval, plots, report
 from monte_ds.evaluation.calibration import calibration, choice_scores
 from monte_ds.evaluation.limits import (
     GenerationLimit,
     apply_limits,
     generation_limits,
+    prompt_tokens,
     requested_max_gen_toks,
     truncated_prompts,
 )
@@ -79,7 +82,13 @@ def _resolve(options: Mapping[str, Any]) -> tuple[EvalOptions, TaskManager, dict
             "opt in with allow_code_execution=true (--allow-code-execution) or leave humaneval out",
             key="allow_code_execution",
         )
-    configs = task_configs(manager, names, opts.data_dir, opts.num_fewshot, opts.humaneval_samples)
+    if humaneval.TASK in names and opts.humaneval_temperature == 0 and opts.humaneval_samples != 1:
+        raise UserError(
+            f"greedy decoding (humaneval_temperature 0) gives one completion per problem, not {opts.humaneval_samples}: "
+            "set humaneval_samples to 1",
+            key="humaneval_samples",
+        )
+    configs = task_configs(manager, names, opts.data_dir, opts.num_fewshot, opts.humaneval_samples, opts.humaneval_temperature)
     return opts, manager, suites, configs
 
 
@@ -110,6 +119,8 @@ class _Progress:
     lm_eval: dict[str, Any] = field(default_factory=dict)
     calibration: dict[str, dict[str, Any]] = field(default_factory=dict)
     predictive: dict[str, dict[str, Any]] | None = None
+    chunked: dict[str, chunks.TaskChunks] = field(default_factory=dict)  # generation tasks, by name
+    partial: dict[str, dict[str, Any]] = field(default_factory=dict)  # their results so far, until complete
 
     def __post_init__(self) -> None:
         self.suites = {
@@ -122,6 +133,25 @@ class _Progress:
         logger.error("evaluation suite %s failed: %s", suite, error)
         self.suites[suite].update(status="failed", error=error, traceback=trace)
 
+    def track(self, suite: str) -> None:
+        """Record, in the suite's entry, how many documents each of its generation tasks has done,
+        and their results so far for the tasks not complete."""
+        tracked = {name: self.chunked[name] for name in self.suites[suite]["tasks"] if name in self.chunked}
+        if not tracked:
+            return
+        self.suites[suite]["progress"] = {name: task.progress() for name, task in tracked.items()}
+        for name, task in tracked.items():
+            if task.complete or not task.done:
+                self.partial.pop(name, None)
+            else:
+                output = task.results()
+                self.partial[name] = {
+                    **task.progress(),
+                    "results": output["results"][name],
+                    "n-shot": output["n-shot"][name],
+                    "truncated_prompts": task.truncated_prompts(),
+                }
+
     def write(self, output_dir: str | Path) -> dict[str, Any]:
         figures = {
             report.RELIABILITY_PNG: plots.reliability_diagram(self.calibration, self.predictive) if self.calibration else None,
@@ -130,11 +160,14 @@ class _Progress:
             ),
         }
         figures = {name: figure for name, figure in figures.items() if figure is not None}
+        files = {path: content for task in self.chunked.values() for path, content in task.files().items()}
         result = report.build_report(
             self.lm_eval, self.calibration, self.predictive, asdict(self.plan.options), self.metadata, list(figures),
-            self.suites, self.generation,
+            self.suites, self.generation, self.partial, list(files),
         )
-        report.write_report(output_dir, result, figures)
+        report.write_report(output_dir, result, figures, files)
+        for task in self.chunked.values():
+            task.stored_at(Path(output_dir))
         return result
 
 
@@ -167,11 +200,21 @@ def run_plan(
         apply_limits(plan.tasks, limits)
         run_metadata = {"model": getattr(model.config, "_name_or_path", None), "context_length": lm.max_length}
         progress = _Progress(plan, {**run_metadata, **(metadata or {})}, {n: limit.as_dict() for n, limit in limits.items()})
+        if limits:
+            digest = chunks.model_digest(lm)
+            for name in limits:
+                task = plan.tasks[name]
+                progress.chunked[name] = tracked = chunks.TaskChunks(
+                    task, name, chunks.fingerprint(task, opts, digest), chunks.planned_chunks(task, opts)
+                )
+                chunks.load_stored(tracked, Path(output_dir))
+            for suite in plan.suites:
+                progress.track(suite)
         for suite, names in plan.suites.items():
             if blocked := [unfit[name] for name in names if name in unfit]:
                 progress.fail(suite, "; ".join(blocked))
             else:
-                _run_suite(progress, suite, lm, model, {name: plan.tasks[name] for name in names}, limits)
+                _run_suite(progress, suite, lm, model, {name: plan.tasks[name] for name in names}, limits, output_dir)
             result = progress.write(output_dir)
             logger.info("evaluation report written to %s (after suite %s)", output_dir, suite)
     finally:
@@ -186,12 +229,18 @@ def _run_suite(
     model: nn.Module,
     tasks: dict[str, Task],
     limits: dict[str, GenerationLimit],
+    output_dir: str | Path,
 ) -> None:
-    """One suite: lm-eval, calibration, the posterior-predictive draws; a failure is recorded."""
+    """One suite: lm-eval (the generation tasks chunk by chunk), calibration, the
+    posterior-predictive draws; a failure is recorded, with the chunks done so far."""
     plan, opts = progress.plan, progress.plan.options
     multiple_choice = {name: task for name, task in tasks.items() if is_multiple_choice(task)}
+    generation = {name: task for name, task in tasks.items() if name in progress.chunked}
+    whole = {name: task for name, task in tasks.items() if name not in generation}
     try:
-        output = run_harness(lm, plan.manager, tasks, opts)
+        output = run_harness(lm, plan.manager, whole, opts) if whole else {}
+        for name in generation:
+            report.merge_lm_eval(output, _run_chunks(progress, suite, progress.chunked[name], lm, limits[name], output_dir))
         scored = {name: calibration(choice_scores(task, output["samples"][name])) for name, task in multiple_choice.items()}
         drawn = {}
         if progress.predictive is not None and multiple_choice:
@@ -199,9 +248,11 @@ def _run_suite(
                 model, multiple_choice, opts.predictive_samples, lambda chosen: run_harness(lm, plan.manager, chosen, opts)
             )
             drawn = {name: calibration(scores) for name, scores in averaged.items()}
-        truncated = {name: truncated_prompts(output["samples"][name], lm, limits[name]) for name in tasks if name in limits}
-    except Exception as err:  # any failure of one suite: keep the others' results
+        truncated = {name: truncated_prompts(output["samples"][name], lm, limits[name]) for name in whole if name in limits}
+        truncated.update({name: progress.chunked[name].truncated_prompts() for name in generation})
+    except Exception as err:  # any failure of one suite: keep the others' results (and its chunks done)
         progress.fail(suite, describe(err), traceback.format_exc())
+        progress.track(suite)
         return
     report.merge_lm_eval(progress.lm_eval, output)
     progress.calibration.update(scored)
@@ -210,6 +261,27 @@ def _run_suite(
     for name, count in truncated.items():
         progress.generation[name]["truncated_prompts"] = count
     progress.suites[suite]["status"] = "completed"
+    progress.track(suite)
+
+
+def _run_chunks(
+    progress: _Progress, suite: str, task: chunks.TaskChunks, lm: HFLM, limit: GenerationLimit, output_dir: str | Path
+) -> dict[str, Any]:
+    """A generation task's chunks not done yet, each through lm-eval's `samples` option and
+    written to the report (the suite partial) before the next; lm-eval's output over all."""
+    plan, opts = progress.plan, progress.plan.options
+    remaining = [doc_ids for doc_ids in task.planned if doc_ids not in task.done]
+    for position, doc_ids in enumerate(remaining):
+        output = run_harness(lm, plan.manager, {task.name: task.task}, opts, samples={task.name: list(doc_ids)})
+        samples = output["samples"][task.name]
+        longer = {s["doc_id"] for s in samples if prompt_tokens(lm, s["arguments"][0][0]) > limit.max_prompt_tokens}
+        task.add(doc_ids, output, sorted(longer))
+        if position < len(remaining) - 1:  # the last chunk is written with the suite's results
+            progress.suites[suite]["status"] = "partial"
+            progress.track(suite)
+            progress.write(output_dir)
+            logger.info("%s: %d of %d documents done, written to %s", task.name, task.documents_done, task.total, output_dir)
+    return task.results()
 
 
 def write_failed_report(
@@ -229,15 +301,19 @@ def describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
-def run_harness(lm: HFLM, manager: TaskManager, tasks: dict[str, Task], opts: EvalOptions) -> dict[str, Any]:
-    """One lm-eval pass over `tasks`, keeping per-sample log-likelihoods for calibration.
-    Generation lengths are the tasks' own (`limits.apply_limits` fitted them to the model)."""
+def run_harness(
+    lm: HFLM, manager: TaskManager, tasks: dict[str, Task], opts: EvalOptions, samples: dict[str, list[int]] | None = None
+) -> dict[str, Any]:
+    """One lm-eval pass over `tasks` (the first `limit` documents, or the documents `samples`
+    names per task), keeping per-sample log-likelihoods for calibration. Generation lengths
+    are the tasks' own (`limits.apply_limits` fitted them to the model)."""
     return simple_evaluate(
         model=lm,
         tasks=list(tasks.values()),
         task_manager=manager,
         num_fewshot=opts.num_fewshot,
-        limit=opts.limit,
+        limit=None if samples is not None else opts.limit,
+        samples=samples,
         log_samples=True,
         apply_chat_template=opts.apply_chat_template,
         fewshot_as_multiturn=opts.apply_chat_template,

@@ -97,7 +97,12 @@ def _read_offline(config: dict[str, Any], files: dict[str, Path]) -> dict[str, A
 
 
 def task_configs(
-    manager: TaskManager, names: list[str], data_dir: str | None, num_fewshot: int | None, humaneval_samples: int
+    manager: TaskManager,
+    names: list[str],
+    data_dir: str | None,
+    num_fewshot: int | None,
+    humaneval_samples: int,
+    humaneval_temperature: float = 0.8,
 ) -> dict[str, dict[str, Any]]:
     """Resolved task configs; offline, first checks that every data file exists, then every row.
 
@@ -114,7 +119,7 @@ def task_configs(
                 key="data_dir",
             )
         if name == humaneval.TASK:
-            config = humaneval.with_samples(config, humaneval_samples)
+            config = humaneval.with_samples(config, humaneval_samples, humaneval_temperature)
         elif data_dir is not None:
             files = offline_files(config, data_root(data_dir) / name, effective_fewshot(config, num_fewshot))
             absent = [str(path) for path in files.values() if not path.is_file()]
