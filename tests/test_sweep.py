@@ -357,6 +357,25 @@ def test_set_for_overrides_one_methods_runs_only(tmp_path, base_config, fake_tra
     assert monte_ds([*args[:-2], "--set-for", "monteclora:eval.predictive_samples=10", "--methods", "lora"]) == 0
 
 
+def test_pairs_first_trains_every_method_of_a_point_before_the_next(tmp_path, base_config, fake_train, capsys):
+    launcher, calls = fake_train
+    output = tmp_path / "sweep"
+    args = [*sweep_args(base_config, output, launcher, lrs="0.1,0.2"), "--seeds", "0,1", "--pairs-first"]
+    assert monte_ds([*args, "--plan-only"]) == 0
+    planned = [next(a.split("=", 1)[1] for a in shlex.split(line) if a.startswith("training.output_dir="))
+               for line in capsys.readouterr().out.splitlines()]
+    assert monte_ds(args) == 0
+    trained = calls.read_text().splitlines()
+    assert trained == planned and len(trained) == 16
+    names = [str(Path(line).relative_to(output / "runs")) for line in trained]
+    expected = [f"{method}/learning_rate={lr}__per_device_train_batch_size={bs}__seed={seed}"
+                for seed in (0, 1) for lr in ("0.1", "0.2") for bs in (1, 2) for method in ("lora", "monteclora")]
+    assert names == expected
+    report = json.loads((output / "sweep.json").read_text())
+    assert [run["run_id"] for run in report["runs"]][:2] == [  # the report keeps the method-by-method order
+        "lora/learning_rate=0.1__per_device_train_batch_size=1__seed=0", "lora/learning_rate=0.1__per_device_train_batch_size=1__seed=1"]
+
+
 def test_report_only_leaves_unfinished_runs_pending(tmp_path, base_config, fake_train):
     launcher, calls = fake_train
     output = tmp_path / "sweep"
@@ -437,6 +456,8 @@ def test_a_record_keeps_the_small_files_of_finished_runs_and_survives_a_lost_out
             assert {f"{point.format('nan')}/{name}" for name in ("config.json", "metrics.json")} <= files  # diverged
             assert not any(name.startswith(point.format("crash")) for name in files)  # crashed: tried again
     assert json.loads((record / "settings.json").read_text()) == json.loads((output / "settings.json").read_text())
+    timing = json.loads((record / "runs" / done / "timing.json").read_text())
+    assert timing["wall_s"] >= 0 and len(timing["load_average"]) == 3
 
     # A fresh checkout: the outputs are gone, the record is there. Only the crashed runs are left to do.
     import shutil
@@ -483,6 +504,9 @@ def test_a_record_of_other_settings_is_refused(tmp_path, base_config, fake_train
     assert monte_ds([*other, "--record", str(record)]) == 2
     err = capsys.readouterr().err
     assert "use a new --record" in err and len(err.strip().splitlines()) == 1 and calls.read_text() == ""
+    for mode in ("--plan-only", "--report-only"):  # nor are its runs planned around or reported
+        assert monte_ds([*other, "--record", str(record), mode]) == 2
+        assert "use a new --record" in capsys.readouterr().err
 
 
 def test_a_record_that_is_a_file_is_a_user_error(tmp_path, base_config, fake_train, capsys):

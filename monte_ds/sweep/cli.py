@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--record", type=Path, default=None, metavar="DIR",
                         help="a folder (e.g. committed) that keeps each finished run's config.json, metrics.json and "
                         "report/report.json: runs recorded there are skipped and reported even when --output has lost them")
+    parser.add_argument("--pairs-first", action="store_true",
+                        help="train seed by seed and grid point by grid point, every method of a point before the "
+                        "next, so that a sweep stopped early leaves matched pairs (default: method by method)")
     parser.add_argument("--launcher", default=shlex.join(DEFAULT_LAUNCHER),
                         help="the command that trains one run, given --config and --set (default: %(default)s); "
                         "e.g. 'torchrun --nproc-per-node 8 -m monte_ds.cli train'")
@@ -93,6 +96,7 @@ def parse_sweep(args: argparse.Namespace) -> Sweep:
         launcher=launcher,
         method_fixed=method_fixed,
         record=None if args.record is None else args.record.resolve(),
+        pairs_first=args.pairs_first,
     )
 
 

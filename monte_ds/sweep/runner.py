@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shlex
 import subprocess
 import sys
@@ -41,6 +42,7 @@ SETTINGS_JSON = "settings.json"
 # What a record keeps of a finished run: what `read_outcome` reads, metrics.json last (a run is
 # recorded once it is there). report.json is absent for a run without an evaluation or diverged.
 RECORD_FILES = (CONFIG_JSON, f"{REPORT_DIR}/{REPORT_JSON}", METRICS_JSON)
+TIMING_JSON = "timing.json"  # in the record, for runs this sweep trained: wall seconds and the load average at the end
 
 
 @dataclass(frozen=True)
@@ -57,10 +59,20 @@ class Sweep:
     method_fixed: tuple[tuple[str, str, str], ...] = ()
     # A folder that keeps the small result files of finished runs (see the module docstring).
     record: Path | None = None
+    # Train seed by seed, and within a seed grid point by grid point, every method of a point
+    # before the next point: a sweep stopped early leaves complete matched pairs.
+    pairs_first: bool = False
 
     @property
     def runs(self) -> list[Run]:
         return expand(self.axes, self.methods, self.seeds)
+
+    def training_order(self, runs: Sequence[Run]) -> list[Run]:
+        """The order runs are trained (and --plan-only prints them) in; the report keeps `runs`'s."""
+        if not self.pairs_first:
+            return list(runs)
+        points = list(dict.fromkeys(run.point for run in runs))
+        return sorted(runs, key=lambda run: (self.seeds.index(run.seed), points.index(run.point), self.methods.index(run.method)))
 
     def run_dir(self, run: Run) -> Path:
         return self.output / "runs" / run.run_id
@@ -110,10 +122,10 @@ class Sweep:
         return by_method
 
 
-def check_settings(sweep: Sweep) -> None:
-    """Refuse to add runs to an output dir (or a record) whose finished runs used another base
-    config or --set."""
-    for folder, flag in ((sweep.output, "--output"), (sweep.record, "--record")):
+def check_settings(sweep: Sweep, *, output: bool = True) -> None:
+    """Refuse to add runs to an output dir (`output`), or to read or add runs of a record, whose
+    finished runs used another base config or --set."""
+    for folder, flag in ((sweep.output if output else None, "--output"), (sweep.record, "--record")):
         path = None if folder is None else folder / SETTINGS_JSON
         if path is not None and path.exists() and json.loads(path.read_text()) != sweep.settings():
             raise UserError(
@@ -140,7 +152,8 @@ def record_run(sweep: Sweep, run: Run) -> bool:
 
 def pending_commands(sweep: Sweep) -> list[str]:
     """One shell command per run that has no result yet (what --plan-only prints)."""
-    return [shlex.join(sweep.command(run)) for run in sweep.runs if not sweep.outcome(run)[0].finished]
+    check_settings(sweep, output=False)
+    return [shlex.join(sweep.command(run)) for run in sweep.training_order(sweep.runs) if not sweep.outcome(run)[0].finished]
 
 
 def run_one(sweep: Sweep, run: Run) -> Outcome:
@@ -161,8 +174,8 @@ def run_one(sweep: Sweep, run: Run) -> Outcome:
 def execute(sweep: Sweep, command_line: str, *, launch: bool = True) -> dict[str, Any]:
     """Train every unfinished run (unless `launch` is False), then write the report; return it."""
     runs = sweep.runs
+    check_settings(sweep, output=launch)
     if launch:
-        check_settings(sweep)
         atomic_write_json(sweep.output / SETTINGS_JSON, sweep.settings())
         if sweep.record is not None:
             atomic_write_json(sweep.record / SETTINGS_JSON, sweep.settings())
@@ -172,7 +185,7 @@ def execute(sweep: Sweep, command_line: str, *, launch: bool = True) -> dict[str
     found = {run.run_id: sweep.outcome(run) for run in runs}
     outcomes = {run_id: outcome for run_id, (outcome, _) in found.items()}
     folders = {run_id: folder for run_id, (_, folder) in found.items()}
-    todo = [run for run in runs if not outcomes[run.run_id].finished] if launch else []
+    todo = [run for run in sweep.training_order(runs) if not outcomes[run.run_id].finished] if launch else []
     finished = sum(outcome.finished for outcome in outcomes.values())
     from_record = sum(folders[run.run_id] != sweep.run_dir(run) for run in runs)
     logger.info("%d runs: %d finished (%d of them read from the record), %d to train",
@@ -182,11 +195,13 @@ def execute(sweep: Sweep, command_line: str, *, launch: bool = True) -> dict[str
         logger.info("[%d/%d] training %s", index, len(todo), run.run_id)
         started = time.monotonic()
         outcome = outcomes[run.run_id] = run_one(sweep, run)
+        wall_s, load = time.monotonic() - started, os.getloadavg()
         folders[run.run_id] = sweep.run_dir(run)
-        record_run(sweep, run)
+        if record_run(sweep, run):
+            atomic_write_json(sweep.record_dir(run) / TIMING_JSON, {"wall_s": round(wall_s, 1), "load_average": load})
         scores = ", ".join(f"{metric.task} {metric.label} {value:.4g}" for metric, value in outcome.scores.items())
-        logger.info("[%d/%d] %s: %s in %.0f s; %s", index, len(todo), run.run_id, outcome.status,
-                    time.monotonic() - started, scores or outcome.detail)
+        logger.info("[%d/%d] %s: %s in %.0f s (load average %.2f %.2f %.2f); %s", index, len(todo), run.run_id,
+                    outcome.status, wall_s, *load, scores or outcome.detail)
         report = _write_report(sweep, command_line, runs, outcomes, folders)  # progress is visible mid-sweep
     return report
 
