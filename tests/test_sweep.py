@@ -25,7 +25,7 @@ from monte_ds.errors import UserError
 from monte_ds.evaluation.report import build_report
 from monte_ds.sweep.grid import GridAxis, Run, expand, parse_grid_axis, train_command
 from monte_ds.sweep.outcomes import Metric, Outcome, read_outcome, report_scores
-from monte_ds.sweep.report import summarize_sweep
+from monte_ds.sweep.report import build_sweep_report, pooled_bins, summarize_sweep, write_sweep_report
 from monte_ds.sweep.stats import effect_size, minimum_detectable_effect, paired_test, summarize
 from monte_ds.train.checkpoints import mark_complete
 
@@ -591,3 +591,52 @@ def test_methods_without_a_posterior_enter_predictive_metrics_with_their_one_pre
     (comparison,) = sections["nll,predictive"]["comparisons"]
     assert (comparison["a_better"], comparison["difference"]) == (2, pytest.approx(-0.15))
     assert sections["nll"]["comparisons"][0]["a_better"] == 1
+
+
+def _bins(*cells: tuple[int, float, float]) -> list[dict]:
+    """Two equal-width bins from (count, accuracy, confidence)."""
+    return [{"lower": lo, "upper": lo + 0.5, "count": n, "accuracy": a if n else None, "confidence": c if n else None}
+            for lo, (n, a, c) in zip((0.0, 0.5), cells)]
+
+
+def test_the_reliability_bins_are_pooled_over_runs_by_count():
+    pooled = pooled_bins([_bins((2, 0.5, 0.4), (2, 1.0, 0.8)), _bins((0, 0, 0), (4, 0.5, 0.9))])
+    assert [b["count"] for b in pooled] == [2, 6]
+    assert pooled[0]["accuracy"] == pytest.approx(0.5) and pooled[0]["confidence"] == pytest.approx(0.4)
+    assert pooled[1]["accuracy"] == pytest.approx(4 / 6) and pooled[1]["confidence"] == pytest.approx(5.2 / 6)
+    assert pooled_bins([_bins((0, 0, 0), (0, 0, 0))])[0]["accuracy"] is None
+
+
+def test_the_report_has_a_calibration_table_and_a_pooled_reliability_diagram_per_task(tmp_path):
+    runs = [Run(method, seed, (), f"{method}/seed={seed}") for method in ("lora", "monteclora") for seed in (0, 1)]
+    acc, nll, ece, brier = (Metric("mc", "acc,none", True), Metric("mc", "nll", False), Metric("mc", "ece", False),
+                            Metric("mc", "brier", False))
+    predictive = Metric("mc", "ece,predictive", False)
+    outcomes = {
+        "lora/seed=0": Outcome("completed", {acc: 0.5, nll: 1.0, ece: 0.1, brier: 0.6},
+                               bins={("mc", False): _bins((2, 0.5, 0.4), (2, 1.0, 0.8))}),
+        "lora/seed=1": Outcome("completed", {acc: 0.5, nll: 1.2, ece: 0.2, brier: 0.7},
+                               bins={("mc", False): _bins((0, 0, 0), (4, 0.5, 0.9))}),
+        "monteclora/seed=0": Outcome("completed", {acc: 0.75, nll: 0.9, ece: 0.05, brier: 0.5, predictive: 0.04},
+                                     bins={("mc", False): _bins((4, 0.75, 0.7), (0, 0, 0)),
+                                           ("mc", True): _bins((4, 0.75, 0.72), (0, 0, 0))}),
+        "monteclora/seed=1": Outcome("failed", detail="exit code 1"),
+    }
+    report = build_sweep_report({"command": "monte-ds sweep"}, runs, outcomes, ["lora", "monteclora"],
+                                {run.run_id: tmp_path for run in runs})
+    (section,) = report["calibration"]
+    series = {entry["label"]: entry for entry in section["series"]}
+    assert list(series) == ["lora", "monteclora", "monteclora (predictive)"]
+    assert (series["lora"]["runs"], series["lora"]["items"]) == (2, 8)
+    assert series["lora"]["pooled_ece"] == pytest.approx(2 / 8 * 0.1 + 6 / 8 * abs(4 / 6 - 5.2 / 6))
+    assert series["lora"]["medians"] == {"acc": 0.5, "NLL": pytest.approx(1.1), "ECE": pytest.approx(0.15),
+                                         "Brier": pytest.approx(0.65)}
+    # MonteCLoRA's failed run has no bins but counts in the medians: half failed, the median is a failure.
+    assert series["monteclora"]["runs"] == 1 and series["monteclora"]["medians"]["acc"] == -math.inf
+    assert series["monteclora (predictive)"]["pooled_ece"] == pytest.approx(0.03)
+    write_sweep_report(tmp_path, report)
+    assert matplotlib.image.imread(tmp_path / section["plot"]).ndim == 3
+    markdown = (tmp_path / "sweep.md").read_text()
+    assert "## Calibration: mc" in markdown and section["plot"] in markdown
+    assert "| lora | 2 | 8 | 0.5 | 1.1 | 0.15 | 0.65 | 0.175 |" in markdown
+    assert "| monteclora | 1 | 4 | failed |" in markdown

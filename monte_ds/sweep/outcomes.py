@@ -52,6 +52,9 @@ class Outcome:
     status: Status
     scores: dict[Metric, float] = field(default_factory=dict)
     detail: str = ""  # why a run failed
+    # (task, predictive) -> the reliability-diagram bins of a multiple-choice task: at the
+    # adapter's mean (False) and, where evaluated, posterior-predictive (True).
+    bins: dict[tuple[str, bool], list[dict[str, Any]]] = field(default_factory=dict)
 
     @property
     def finished(self) -> bool:
@@ -72,7 +75,17 @@ def read_outcome(run_dir: Path) -> Outcome:
     report = read_json(run_dir / REPORT_DIR / REPORT_JSON)
     if report is None:
         return Outcome("pending", detail=f"training completed but no {REPORT_DIR}/{REPORT_JSON}")
-    return Outcome(COMPLETED, report_scores(report))
+    return Outcome(COMPLETED, report_scores(report), bins=report_bins(report))
+
+
+def report_bins(report: dict[str, Any]) -> dict[tuple[str, bool], list[dict[str, Any]]]:
+    """The reliability bins of an evaluation report, at the mean and posterior-predictive."""
+    found = {}
+    for predictive, tasks in ((False, report.get("calibration")), (True, (report.get("predictive") or {}).get("tasks"))):
+        for task, calibration in (tasks or {}).items():
+            if isinstance(calibration.get("bins"), list):
+                found[(task, predictive)] = calibration["bins"]
+    return found
 
 
 def report_scores(report: dict[str, Any]) -> dict[Metric, float]:

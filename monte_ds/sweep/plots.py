@@ -66,3 +66,29 @@ def box_plot(
     png = io.BytesIO()
     figure.savefig(png, dpi=110, format="png")
     atomic_write_bytes(path, png.getvalue())
+
+
+def reliability_plot(path: Path, task: str, series: Sequence[Mapping]) -> None:
+    """Pooled reliability diagram: accuracy against confidence per bin, one line per method (and
+    MonteCLoRA's posterior-predictive), each point's area its number of items; the diagonal is
+    perfect calibration."""
+    figure = Figure(figsize=(5.2, 4.4))
+    axes = figure.subplots()
+    axes.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1)
+    for entry in series:
+        filled = [b for b in entry["bins"] if b["count"]]
+        ece = entry.get("pooled_ece")
+        label = f"{entry['label']} ({entry['runs']} runs" + (f", ECE {ece:.3f})" if ece is not None else ")")
+        line = axes.plot([b["confidence"] for b in filled], [b["accuracy"] for b in filled], marker="o",
+                         markersize=3, linestyle=":" if entry.get("predictive") else "-", label=label)[0]
+        total = max(sum(b["count"] for b in filled), 1)
+        axes.scatter([b["confidence"] for b in filled], [b["accuracy"] for b in filled],
+                     s=[400 * b["count"] / total for b in filled], color=line.get_color(), alpha=0.25)
+    axes.set(title=f"{task}: reliability, pooled over runs", xlabel="confidence", ylabel="accuracy",
+             xlim=(0, 1), ylim=(0, 1.02))
+    axes.legend(fontsize="x-small", loc="upper left")
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    png = io.BytesIO()
+    figure.savefig(png, dpi=110, format="png")
+    atomic_write_bytes(path, png.getvalue())

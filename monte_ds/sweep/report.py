@@ -21,7 +21,7 @@ from typing import Any, get_args
 from monte_ds.atomic import atomic_write_json, atomic_write_text
 from monte_ds.sweep.grid import Run
 from monte_ds.sweep.outcomes import Metric, Outcome, Status
-from monte_ds.sweep.plots import box_plot, plot_filename
+from monte_ds.sweep.plots import box_plot, plot_filename, reliability_plot
 from monte_ds.sweep.stats import (
     ALPHA,
     BOOTSTRAP_RESAMPLES,
@@ -115,6 +115,69 @@ def summarize_sweep(
     return sections
 
 
+# The calibration table's columns: (title, metric at the mean, metric posterior-predictive).
+CALIBRATION_COLUMNS = (("acc", "acc,none", "acc,predictive"), ("NLL", "nll", "nll,predictive"),
+                       ("ECE", "ece", "ece,predictive"), ("Brier", "brier", "brier,predictive"))
+
+
+def pooled_bins(bin_lists: Sequence[Sequence[Mapping[str, Any]]]) -> list[dict[str, Any]]:
+    """Reliability bins pooled over runs: counts added, accuracy and confidence weighted by count.
+    Runs binned on other edges than the first are left out."""
+    edges = [(b["lower"], b["upper"]) for b in bin_lists[0]]
+    same = [bins for bins in bin_lists if [(b["lower"], b["upper"]) for b in bins] == edges]
+    pooled = []
+    for (lower, upper), group in zip(edges, zip(*same)):
+        count = sum(b["count"] for b in group)
+        filled = [b for b in group if b["count"]]
+        pooled.append({
+            "lower": lower, "upper": upper, "count": count,
+            "accuracy": sum(b["count"] * b["accuracy"] for b in filled) / count if count else None,
+            "confidence": sum(b["count"] * b["confidence"] for b in filled) / count if count else None,
+        })
+    return pooled
+
+
+def pooled_ece(bins: Sequence[Mapping[str, Any]]) -> float | None:
+    total = sum(b["count"] for b in bins)
+    if not total:
+        return None
+    return sum(b["count"] / total * abs(b["accuracy"] - b["confidence"]) for b in bins if b["count"])
+
+
+def calibration_sections(
+    runs: Sequence[Run], outcomes: Mapping[str, Outcome], methods: Sequence[str], metrics: Sequence[Mapping[str, Any]]
+) -> list[dict[str, Any]]:
+    """Per multiple-choice task: each method's reliability bins pooled over its finished runs (all
+    grid points and seeds; MonteCLoRA also posterior-predictive), the pooled ECE, and the medians of
+    the calibration metrics from `metrics` (the summaries, failures counted as there)."""
+    medians = {(m["task"], m["metric"], method): summary["median"]
+               for m in metrics for method, summary in m["methods"].items()}
+    tasks = sorted({task for outcome in outcomes.values() for task, _ in outcome.bins})
+    sections = []
+    for task in tasks:
+        series = []
+        for method in methods:
+            for predictive in (False, True) if method in POSTERIOR_METHODS else (False,):
+                lists = [outcomes[run.run_id].bins[(task, predictive)] for run in runs
+                         if run.method == method and (task, predictive) in outcomes[run.run_id].bins]
+                if not lists:
+                    continue
+                bins = pooled_bins(lists)
+                series.append({
+                    "method": method,
+                    "predictive": predictive,
+                    "label": f"{method} (predictive)" if predictive else method,
+                    "runs": len(lists),
+                    "items": sum(b["count"] for b in bins),
+                    "pooled_ece": pooled_ece(bins),
+                    "medians": {title: medians.get((task, pred if predictive else point, method))
+                                for title, point, pred in CALIBRATION_COLUMNS},
+                    "bins": bins,
+                })
+        sections.append({"task": task, "plot": f"{PLOTS_DIR}/{plot_filename(task, 'reliability')}", "series": series})
+    return sections
+
+
 def build_sweep_report(
     header: Mapping[str, Any], runs: Sequence[Run], outcomes: Mapping[str, Outcome], methods: Sequence[str],
     run_dir: Mapping[str, Path],
@@ -122,11 +185,13 @@ def build_sweep_report(
     counts = {method: dict.fromkeys(STATUSES, 0) for method in methods}
     for run in runs:
         counts[run.method][outcomes[run.run_id].status] += 1
+    metrics = summarize_sweep(runs, outcomes, methods)
     return {
         **header,
         "counts": counts,
         "effect_assumptions": EFFECT_ASSUMPTIONS,
-        "metrics": summarize_sweep(runs, outcomes, methods),
+        "metrics": metrics,
+        "calibration": calibration_sections(runs, outcomes, methods, metrics),
         "runs": [
             {
                 "run_id": run.run_id,
@@ -156,6 +221,8 @@ def write_sweep_report(output: Path, report: dict[str, Any]) -> None:
             {method: summary["scores"] for method, summary in section["methods"].items()},
             section["higher_is_better"],
         )
+    for section in report.get("calibration", []):
+        reliability_plot(output / section["plot"], section["task"], section["series"])
     atomic_write_json(output / SWEEP_JSON, report)
     atomic_write_text(output / SWEEP_MD, markdown(report))
 
@@ -198,8 +265,27 @@ def markdown(report: Mapping[str, Any]) -> str:
                          f"{_signed(c['difference'])} [{_signed(c['ci_low'])}, {_signed(c['ci_high'])}]", _fmt(c["mde"])]
                 lines.append("| " + " | ".join(str(x) for x in cells) + " |")
         lines += ["", f"![{section['task']} {section['label']}]({section['plot']})"]
+    lines += _calibration_tables(report)
     lines += _runs_table(report)
     return "\n".join(lines) + "\n"
+
+
+def _calibration_tables(report: Mapping[str, Any]) -> list[str]:
+    lines = []
+    for section in report.get("calibration", []):
+        lines += ["", f"## Calibration: {section['task']}", "",
+                  "Per method over its finished runs (every grid point and seed): the medians of the calibration "
+                  "metrics (failed runs counted as in the sections above) and the reliability bins pooled over the "
+                  "runs' items, with the ECE of the pooled bins. Lower NLL, ECE and Brier are better.", "",
+                  "| method | runs | items | median " + " | median ".join(t for t, _, _ in CALIBRATION_COLUMNS)
+                  + " | pooled ECE |", "|---" * (4 + len(CALIBRATION_COLUMNS)) + "|"]
+        for series in section["series"]:
+            cells = [series["label"], series["runs"], series["items"],
+                     *(_fmt(series["medians"][title], "failed") for title, _, _ in CALIBRATION_COLUMNS),
+                     _fmt(series["pooled_ece"])]
+            lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+        lines += ["", f"![{section['task']} reliability]({section['plot']})"]
+    return lines
 
 
 def _runs_table(report: Mapping[str, Any]) -> list[str]:
