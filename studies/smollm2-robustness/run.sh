@@ -14,7 +14,7 @@
 # seed 0 first (8 pairs against each method), then seeds 1 and 2 of LoRA and MonteCLoRA.
 # Arguments are passed to every training sweep (e.g. --plan-only: print the commands of the runs
 # still to do, train nothing). The last step writes the report over every finished or recorded
-# run and copies it (sweep.md, sweep.json, plots/) to REPORT.
+# run and copies it (sweep.md, sweep.json, plots/) to REPORT; `run.sh --report-only` does only that.
 # WORK (default outputs/smollm2-robustness) holds the data and the sweep's run folders.
 set -euo pipefail
 if [ "$(nice)" -lt 19 ]; then exec nice -n 19 "$0" "$@"; fi
@@ -43,9 +43,14 @@ sweep() {
         --output "$WORK/sweep" --record "$RECORD" "$@"
 }
 
-"$PYTHON" studies/smollm2-robustness/make_data.py --out "$WORK/data"
-sweep --methods lora,monteclora,dora,adalora --seeds 0 --pairs-first "$@"   # 32 runs: 8 pairs against each method
-sweep --methods lora,monteclora --seeds 0,1,2 --pairs-first "$@"            # +32: 24 MonteCLoRA-LoRA pairs
+case " $* " in
+    *" --report-only "*) ;;  # train nothing: only the report below, from the runs finished or recorded so far
+    *)
+        "$PYTHON" studies/smollm2-robustness/make_data.py --out "$WORK/data"
+        sweep --methods lora,monteclora,dora,adalora --seeds 0 --pairs-first "$@"   # 32 runs: 8 pairs against each method
+        sweep --methods lora,monteclora --seeds 0,1,2 --pairs-first "$@"            # +32: 24 MonteCLoRA-LoRA pairs
+        ;;
+esac
 # One report over everything: MonteCLoRA against each method on the matched runs (DoRA's and
 # AdaLoRA's seeds 1 and 2 are not in the plan and are listed as pending).
 sweep --methods lora,dora,adalora,monteclora --seeds 0,1,2 --report-only
