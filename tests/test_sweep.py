@@ -295,6 +295,12 @@ def test_sweep_records_failures_writes_the_report_and_restarts_only_unfinished_r
     assert matplotlib.image.imread(plot).ndim == 3
     markdown = (output / "sweep.md").read_text()
     assert "| lora | 8 | 4 | 0.4 | failed | failed | ∞ |" in markdown and section["plot"] in markdown
+    # Point by point: LoRA's score lr * bs at each (lr, bs), the failures counted apart.
+    by_point = {tuple(row["point"].values()): row["methods"]["lora"] for row in section["by_point"]}
+    assert by_point[("0.2", "2")] == {"mean": pytest.approx(0.4), "n": 1, "n_failed": 0}
+    assert by_point[("nan", "1")] == {"mean": None, "n": 0, "n_failed": 1}
+    assert "| method | 0.1 / 1 | 0.1 / 2 | 0.2 / 1 | 0.2 / 2 | crash / 1 | crash / 2 | nan / 1 | nan / 2 |" in markdown
+    assert "| lora | 0.1 (1) | 0.2 (1) | 0.2 (1) | 0.4 (1) | —, 1 failed |" in markdown
 
     # A restart trains only the crashed runs: completed and diverged runs are results.
     calls.write_text("")

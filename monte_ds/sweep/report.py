@@ -77,6 +77,23 @@ def metric_scores(
     }
 
 
+def by_point(by_method: Mapping[str, Mapping[tuple, Score]]) -> list[dict[str, Any]]:
+    """Per grid point (in grid order): each method's mean over its finished seeds, how many
+    finished and how many failed; what the robustness statistics summarise, point by point."""
+    points = list(dict.fromkeys(point for scores in by_method.values() for point, _ in scores))
+    rows = []
+    for point in points:
+        cells = {}
+        for method, scores in by_method.items():
+            values = [score for (p, _), score in scores.items() if p == point]
+            finished = [v for v in values if v is not None]
+            if values:
+                cells[method] = {"mean": sum(finished) / len(finished) if finished else None,
+                                 "n": len(finished), "n_failed": len(values) - len(finished)}
+        rows.append({"point": dict(point), "methods": cells})
+    return rows
+
+
 def summarize_sweep(
     runs: Sequence[Run], outcomes: Mapping[str, Outcome], methods: Sequence[str]
 ) -> list[dict[str, Any]]:
@@ -110,6 +127,7 @@ def summarize_sweep(
                 "plot": f"{PLOTS_DIR}/{plot_filename(metric.task, metric.name)}",
                 "methods": summaries,
                 "comparisons": comparisons,
+                "by_point": by_point(by_method),
             }
         )
     return sections
@@ -264,10 +282,35 @@ def markdown(report: Mapping[str, Any]) -> str:
                          _fmt(c["statistic"]), _fmt(c["p_value"]),
                          f"{_signed(c['difference'])} [{_signed(c['ci_low'])}, {_signed(c['ci_high'])}]", _fmt(c["mde"])]
                 lines.append("| " + " | ".join(str(x) for x in cells) + " |")
+        lines += _point_table(section)
         lines += ["", f"![{section['task']} {section['label']}]({section['plot']})"]
     lines += _calibration_tables(report)
     lines += _runs_table(report)
     return "\n".join(lines) + "\n"
+
+
+def _point_table(section: Mapping[str, Any]) -> list[str]:
+    """Methods x grid points: the mean over finished seeds (their number), failures counted."""
+    rows = section.get("by_point") or []
+    if not rows or not rows[0]["point"]:
+        return []
+    keys = list(rows[0]["point"])
+    methods = list(dict.fromkeys(method for row in rows for method in row["methods"]))
+    lines = ["", f"By grid point ({' / '.join(key.rsplit('.', 1)[-1] for key in keys)}): the mean over finished "
+             "seeds (their number; failed runs counted apart).", "",
+             "| method | " + " | ".join(" / ".join(row["point"].values()) for row in rows) + " |",
+             "|---" * (len(rows) + 1) + "|"]
+    for method in methods:
+        cells = []
+        for row in rows:
+            cell = row["methods"].get(method)
+            if cell is None:
+                cells.append("")
+                continue
+            text = f"{_fmt(cell['mean'])} ({cell['n']})" if cell["n"] else "—"
+            cells.append(text + (f", {cell['n_failed']} failed" if cell["n_failed"] else ""))
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _calibration_tables(report: Mapping[str, Any]) -> list[str]:
