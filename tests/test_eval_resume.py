@@ -188,3 +188,18 @@ def test_a_stored_chunk_of_other_settings_is_not_reused(tiny_model, data_dir, tm
         model.lm_head.weight.mul_(1.5)
     evaluate(model, tokenizer, out, **{**options, "max_gen_toks": 5, "limit": 6})
     assert calls == [2, 2, 2] + [2, 2, 2]
+
+
+def test_a_kill_between_the_reports_two_renames_loses_no_chunk(tiny_model, data_dir, tmp_path, monkeypatch):
+    """atomic_directory moves the old report aside, then renames the new one into place: a kill
+    between the two leaves only `.<name>.old`, which a rerun continues from."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    options = dict(suites=[GSM8K_TASK], data_dir=str(data_dir), batch_size=2, max_gen_toks=6, limit=4)
+    out = tmp_path / "report"
+    expected = evaluate(model, tokenizer, out, **options)
+    out.rename(tmp_path / ".report.old")
+    calls = count_generations(monkeypatch)
+    resumed = evaluate(model, tokenizer, out, **options)
+    assert calls == [] and resumed["lm_eval"]["results"] == expected["lm_eval"]["results"]
+    assert len(chunk_files(out)) == 2

@@ -281,7 +281,9 @@ def _run_chunks(
             progress.track(suite)
             progress.write(output_dir)
             logger.info("%s: %d of %d documents done, written to %s", task.name, task.documents_done, task.total, output_dir)
-    return task.results()
+    output = task.results()
+    output["config"] = {**output["config"], "limit": opts.limit}  # each chunk's pass named its documents instead
+    return output
 
 
 def write_failed_report(
