@@ -5,7 +5,14 @@ Gaussian mixture with Wishart covariance and Dirichlet mixture weights; at
 inference it is a plain LoRA adapter (the mean).
 """
 
-from monte_ds.config import MonteCLoRAConfig
+import logging
+
+# bitsandbytes' CPU backend warns at import, on CPUs with AVX512-BF16, that the optional `kernels`
+# package (a faster 4-bit GEMM) is missing; its fallback kernel is what runs, nothing needs doing,
+# and the line would come before every monte-ds message (bad input must be one line).
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+from monte_ds.config import MonteCLoRAConfig  # noqa: E402
 from monte_ds.monteclora import (
     export_lora_adapter,
     get_monteclora_model,

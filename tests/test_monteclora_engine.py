@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from monte_ds import MonteCLoRAConfig, get_monteclora_model, monteclora_layers, monteclora_losses
-from monte_ds.monteclora.engine import adapter_key
+from monte_ds.monteclora.engine import LOG_PARAMS, adapter_key
 from monte_ds.monteclora.math import (
     STREAM_DIRICHLET,
     cooperative_loss,
@@ -42,25 +42,25 @@ def mlp(ranks: dict[str, int] | None = None, sparse: bool = False):
     return model
 
 
-def engine_loss(model, scale_weights):
-    """A loss on the engine's row scales of one forward plus its regulariser terms."""
+def engine_loss(model, delta_weights):
+    """A loss on the engine's weight deltas of one forward plus its regulariser terms."""
     engine = next(monteclora_layers(model)).engine
     model.train()
     model(torch.randn(2, 6, generator=torch.Generator().manual_seed(1)))
-    scales = engine._train.scales
+    deltas = engine._train.deltas
     terms = monteclora_losses(model)
-    loss = sum((s * w).sum() for s, w in zip(scales, scale_weights, strict=True))
+    loss = sum((d * w).sum() for d, w in zip(deltas, delta_weights, strict=True))
     return loss + sum(WEIGHTS[name] * terms[name] for name in WEIGHTS), engine
 
 
-def reference_loss(model, engine, scale_weights):
+def reference_loss(model, engine, delta_weights):
     """The same loss from the per-layer formulas with autograd (layers in the engine's stacked order)."""
     layers = engine._partitions[0].layers
     alpha = torch.cat([layer.concentration_log for layer in layers]).exp()
     generator = seeded_generator(CPU, stream_seed(3, adapter_key("default"), 0, STREAM_DIRICHLET, engine.current_index, 0))
     pi = dirichlet_attach(alpha, dirichlet_sample(alpha, generator))
     draws = engine.sampler._compute((0, engine.current_index))
-    per_group = [(d.row_sq[i], d.log_det[i]) for d in draws for i in range(d.row_sq.shape[0])]
+    per_group = [(d.noise[i], d.row_sq[i], d.log_det[i]) for d in draws for i in range(d.row_sq.shape[0])]
     sparse = engine.config.sparse_mixture
     loss = 0
     totals = dict.fromkeys(WEIGHTS, 0)
@@ -68,8 +68,8 @@ def reference_loss(model, engine, scale_weights):
         log_v = layer.wishart_log_scale.view(-1)
         norm = 1.0 if sparse else pi[slot].norm()
         scale = 0.3 * norm * (0.5 * log_v).exp()
-        loss = loss + (scale.view(-1, 1) * scale_weights[layer.layer_index]).sum()
-        row_sq, log_det = per_group[slot]
+        noise, row_sq, log_det = per_group[slot]
+        loss = loss + (scale.view(-1, 1) * noise * delta_weights[layer.layer_index]).sum()
         totals["kl_gaussian"] = totals["kl_gaussian"] + kl_gaussian(log_v, row_sq, log_det)
         totals["kl_wishart"] = totals["kl_wishart"] + kl_wishart(log_v, layer.dof)
         totals["kl_dirichlet"] = totals["kl_dirichlet"] + kl_dirichlet(alpha[slot], 1.0)
@@ -78,7 +78,9 @@ def reference_loss(model, engine, scale_weights):
 
 
 def sampler_grads(model):
-    return {n: p.grad.clone() for n, p in model.named_parameters() if n.endswith(("wishart_log_scale", "concentration_log"))}
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if n.endswith(LOG_PARAMS)}
+    assert len(grads) == 1  # one stacked [ln v | ln alpha] for the adapter
+    return grads
 
 
 @pytest.mark.parametrize("ranks, sparse", [(None, False), ({"b": 2, "c": 3}, False), ({"b": 2}, True)])
@@ -87,12 +89,12 @@ def test_step_node_gradients_equal_autograd_through_the_per_layer_math(ranks, sp
     layers = list(monteclora_layers(model))
     assert sparse or len({layer.out_features for layer in layers}) == (1 if ranks is None else 3)
     generator = torch.Generator().manual_seed(2)
-    scale_weights = [torch.randn(layer.out_features, 1, generator=generator) for layer in layers]
-    loss, engine = engine_loss(model, scale_weights)
+    delta_weights = [torch.randn(layer.out_features, layer.in_features, generator=generator) for layer in layers]
+    loss, engine = engine_loss(model, delta_weights)
     loss.backward()
     ours = sampler_grads(model)
     model.zero_grad()
-    reference = reference_loss(model, engine, scale_weights)
+    reference = reference_loss(model, engine, delta_weights)
     assert torch.allclose(loss, reference, rtol=1e-5)
     reference.backward()
     for name, grad in sampler_grads(model).items():
@@ -140,5 +142,28 @@ def test_two_adapters_with_one_seed_draw_different_noise():
         with torch.no_grad():
             model(input_ids=ids)
         layer = next(layer for layer in monteclora_layers(model) if layer.adapter_name == name)
-        noise[name] = layer.engine._train.noise[0]
+        noise[name] = layer.engine._train.deltas[0]
     assert not torch.equal(noise["a"], noise["b"])
+
+
+def test_bf16_weights_get_their_deltas_in_bf16_from_the_second_forward():
+    """The engine learns the weights' dtype from the layers (the first forward casts in each layer),
+    then casts once per noise group; the values are the same cast of the same fp32 product."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    # peft keeps adapter weights in fp32 on a bf16 base; a cast of the whole model (as DeepSpeed's
+    # bf16 mode does) makes them, and the stacked ln v / ln alpha, bf16
+    base = LlamaForCausalLM(tiny_config())
+    model = get_monteclora_model(base, MonteCLoRAConfig(r=4, sample_scaler=0.5, init_lora_weights=False)).to(torch.bfloat16)
+    engine = next(monteclora_layers(model)).engine
+    ids = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(0))
+    model.train()
+    dtypes = []
+    for _ in range(2):
+        (model(input_ids=ids, labels=ids).loss + monteclora_losses(model)["total"]).backward()
+        dtypes.append({delta.dtype for delta in engine._train.deltas})
+    assert dtypes == [{torch.float32}, {torch.bfloat16}]
+    (stacked,) = engine.stacked_parameters()
+    assert stacked.dtype == torch.bfloat16 and stacked.grad is not None and torch.isfinite(stacked.grad).all()
+    assert stacked.grad.abs().sum() > 0

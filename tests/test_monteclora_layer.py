@@ -7,6 +7,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,7 +24,7 @@ from monte_ds import (
     save_adapter,
 )
 from monte_ds.errors import InputError
-from monte_ds.monteclora.engine import adapter_key
+from monte_ds.monteclora.engine import LOG_PARAMS, adapter_key
 from monte_ds.monteclora.io import LEGACY_SAMPLER_JSON, SAMPLER_JSON
 from monte_ds.monteclora.layer import MonteCLoRALinearA
 from monte_ds.monteclora.math import STREAM_DIRICHLET, STREAM_TRAIN, dirichlet_sample, draw_bartlett, seeded_generator, stream_seed
@@ -147,8 +148,8 @@ def test_gradients_reach_every_monteclora_parameter(load_base, input_ids):
     out = model(input_ids=input_ids, labels=input_ids)
     (out.loss + monteclora_losses(model)["total"]).backward()
     for layer in monteclora_layers(model):
-        for param in (layer.weight, layer.wishart_log_scale, layer.concentration_log):
-            assert param.grad is not None and param.grad.abs().sum() > 0
+        for grad in (layer.weight.grad, *layer.log_params_grad()):
+            assert grad is not None and grad.abs().sum() > 0
     for name, param in model.named_parameters():
         if "lora_B" in name:
             assert param.grad.abs().sum() > 0
@@ -190,7 +191,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(load_base, input_ids, m
     reference = grads_after_one_step(load_base, input_ids, None)
     checkpointed = grads_after_one_step(load_base, input_ids, mode)
     assert reference.keys() == checkpointed.keys()
-    assert any("concentration_log" in n for n in reference) and any("wishart_log_scale" in n for n in reference)
+    assert any(n.endswith(LOG_PARAMS) for n in reference)
     for name in reference:
         assert torch.allclose(reference[name], checkpointed[name], rtol=1e-5, atol=1e-7), name
 
@@ -298,7 +299,7 @@ def test_sparse_mixture_uses_a_one_hot_mixture(load_base, sparse):
 def test_posthoc_mode_trains_only_the_sampler_parameters(load_base, input_ids):
     model = build(load_base, posthoc=True)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all(n.endswith(("wishart_log_scale", "concentration_log")) for n in trainable)
+    assert trainable and all(n.endswith(LOG_PARAMS) for n in trainable)
     before = {n: p.clone() for n, p in model.named_parameters()}
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     model.train()
@@ -364,3 +365,33 @@ def test_zero_sample_scaler_is_plain_lora_with_regularisers(load_base, input_ids
     model = build(load_base, sample_scaler=0.0)
     assert torch.equal(train_logits(model, input_ids), train_logits(model, input_ids))
     assert torch.isfinite(monteclora_losses(model)["total"])
+
+
+def test_an_adapter_saved_with_per_layer_parameters_loads_into_the_stacked_format(tmp_path):
+    """tests/fixtures/legacy_adapter was saved by monte-ds before ln v and ln alpha were stacked
+    (one (r, 1) and one (1, N) tensor per layer; mixed ranks): it loads, its next training forward
+    draws the noise the old code drew, and it saves again in the stacked format."""
+    from safetensors.torch import load_file
+    from transformers import LlamaForCausalLM
+
+    from tests.conftest import tiny_config
+
+    fixture = Path(__file__).parent / "fixtures" / "legacy_adapter"
+    legacy = load_file(fixture / "adapter" / "adapter_model.safetensors")
+    expected = torch.load(fixture / "expected.pt")
+    torch.manual_seed(0)
+    model = load_adapter(LlamaForCausalLM(tiny_config(num_hidden_layers=2)), fixture / "adapter")
+    names = {id(module): name for name, module in model.named_modules()}
+    for layer in monteclora_layers(model):
+        prefix = names[id(layer)].replace(".default", "")
+        assert torch.equal(layer.wishart_log_scale, legacy[f"{prefix}.wishart_log_scale"])
+        assert torch.equal(layer.concentration_log, legacy[f"{prefix}.concentration_log"])
+    model.train()
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=expected["input_ids"]).logits, expected["train_logits"], rtol=0, atol=1e-6)
+        model.eval()
+        assert torch.equal(model(input_ids=expected["input_ids"]).logits, expected["eval_logits"])
+    save_adapter(model, tmp_path / "again")
+    keys = load_file(tmp_path / "again" / "adapter_model.safetensors")
+    assert [key for key in keys if key.endswith(LOG_PARAMS)] == ["base_model.model.model.layers.0.self_attn.q_proj.lora_A.monteclora_log_params"]
+    assert not any(key.endswith(("wishart_log_scale", "concentration_log")) for key in keys)

@@ -160,7 +160,7 @@ def test_qlora_keeps_monteclora_parameters_in_fp32(tmp_path, tiny_base):
     assert metrics(out)["status"] == "completed"
     saved = load_file(out / "adapter" / "adapter_model.safetensors")
     assert saved and all(tensor.dtype == torch.float32 for tensor in saved.values())
-    assert any(key.endswith("wishart_log_scale") for key in saved)
+    assert any(key.endswith("monteclora_log_params") for key in saved)
 
 
 @pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non_reentrant"])
@@ -290,8 +290,8 @@ def test_regulariser_is_scaled_like_the_task_loss_under_accumulation(tmp_path, t
     assert grads.keys() == expected.keys()
     for name in expected:
         torch.testing.assert_close(grads[name], expected[name], rtol=1e-4, atol=1e-7, msg=name)
-    concentration = [n for n in expected if n.endswith("concentration_log")]
-    assert concentration and all(expected[n].abs().sum() > 0 for n in concentration)
+    stacked = [n for n in expected if n.endswith("monteclora_log_params")]
+    assert stacked and all(expected[n].abs().sum() > 0 for n in stacked)
 
 
 def test_checkpoints_rotate_once_complete_and_the_arguments_stay_as_given(tmp_path, tiny_base):

@@ -5,10 +5,14 @@ On a GPU the cost of MonteCLoRA is the number of ops (each a kernel launch with 
 dispatch), not their arithmetic. So once per training forward, before the first layer runs, the
 engine draws the noise of every layer (one batched Bartlett draw per shape group), the mixture
 weights of every layer (one batched Dirichlet draw), the row scales eps * ||pi|| * sqrt(v) of
-every layer (one custom autograd node over the stacked v and alpha) and the whole regulariser
-(vectorised over layers). Each layer's forward is then `A + scale * noise` and its linear.
+every layer (one custom autograd node over the adapter's stacked ln v and ln alpha: one parameter
+tensor for all layers of a device, so one gradient accumulation, one optimizer tensor and, sharded,
+one all-gather and one reduce-scatter per step) and the whole regulariser (vectorised over layers).
+The node's outputs are each layer's weight delta `scale * noise` (one product per noise group), so
+a layer's forward is `A + delta` and its linear: about seven ops per adapted layer and step
+beyond LoRA's, whatever the optimizer (docs/performance.md).
 
-The row-scale node keeps what its backward needs as plain attributes rather than saved tensors,
+The step node keeps what its backward needs as plain attributes rather than saved tensors,
 and returns no gradient for layers that sent none: reentrant activation checkpointing replays a
 block's layers in their own backward passes, each of which reaches this node with the gradients
 of that block's layers only, so the node is traversed once per block and must stay valid.
@@ -47,6 +51,8 @@ from monte_ds.monteclora.sampler import NoiseGroup, NoiseSampler, data_parallel_
 if TYPE_CHECKING:
     from monte_ds.monteclora.layer import MonteCLoRALinearA
 
+# The adapter's ln v and ln alpha for all layers of a device, one parameter held by the first layer's A.
+LOG_PARAMS = "monteclora_log_params"
 REGULARISER_TERMS = ("kl_gaussian", "kl_wishart", "kl_dirichlet", "cooperative")
 # The mixture weights of a forward come from their own stream, paired with the noise stream.
 _MIXTURE_STREAM = {STREAM_TRAIN: STREAM_DIRICHLET, STREAM_PREDICTIVE: STREAM_PREDICTIVE_DIRICHLET}
@@ -139,21 +145,21 @@ class _Partition:
         padded = flat.new_full((len(self.ranks) * self.r_max,), fill).index_copy(0, self.pad_index, flat)
         return padded.view(len(self.ranks), self.r_max)
 
-    def split_rows(self, stacked: torch.Tensor) -> list[torch.Tensor]:
-        """(L, r_max, ...) back into one (r_l, ...) view per layer."""
-        rows = stacked.unbind(0)
-        if self.pad_index is None:
-            return list(rows)
-        return [row[:rank] for row, rank in zip(rows, self.ranks, strict=True)]
-
 
 @dataclass
 class _DevicePartition:
-    """The layers of one device: one step node per forward; `groups` index the sampler's groups."""
+    """The layers of one device, in the row order of their stacked parameter (held by the first
+    layer's A): one step node per forward; `groups` index the sampler's groups."""
 
     layers: list[MonteCLoRALinearA]
     groups: list[int]
     rows: _Partition
+
+    @property
+    def log_params(self) -> torch.Tensor:
+        """(L, r_max + N): row l is layer l's ln v (padded with 0, i.e. v = 1) then its ln alpha."""
+        return getattr(self.layers[0], LOG_PARAMS)
+
 
 
 @dataclass
@@ -167,30 +173,36 @@ class _StepSpec:
     alpha: torch.Tensor  # (L, N) the concentrations it was drawn from, no gradient
     mixture_sample: torch.Tensor  # (L, N) Dirichlet draw, no gradient
     draws: list[BartlettDraw]  # the partition's noise groups, in stacked order
+    dtype: torch.dtype  # the deltas': the layers' weight dtype in the last forward
     with_regulariser: bool
 
 
 class _StepNode(torch.autograd.Function):
     """One autograd node for everything of a forward that depends on v and alpha.
 
-    Inputs: the L ln v, then the L ln alpha parameters. Outputs: one (r_l, 1) row scale
-    eps * ||pi_l|| * sqrt(v_l) per layer, then (when `with_regulariser`) KL_N, KL_W, KL_D and the
-    cooperative loss summed over layers. pi_l is the Dirichlet draw with torch's implicit
-    reparameterisation gradient; the other gradients are the closed forms' derivatives, all
-    batched over layers, so a step costs the same few ops whatever the number of layers.
+    Input: the stacked (L, r_max + N) [ln v | ln alpha]. Outputs: each layer's weight delta
+    scale_l * noise_l (r_l x n_l, in its weight's dtype), scale_l = eps * ||pi_l|| * sqrt(v_l) per
+    row, then (when `with_regulariser`) KL_N, KL_W, KL_D and the cooperative loss summed over
+    layers. pi_l is the Dirichlet draw with torch's implicit reparameterisation gradient; the other
+    gradients are the closed forms' derivatives. Everything is batched per noise group, so a step
+    costs the same few ops whatever the number of layers, and a layer adds only `A + delta`.
     """
 
     @staticmethod
-    def forward(ctx, spec: _StepSpec, *params: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+    def forward(ctx, spec: _StepSpec, log_params: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
         partition = spec.partition
-        count = len(partition.ranks)
-        log_v = partition.stack_rows(params[:count], fill=0.0)  # padding: v = 1, which adds no KL
+        log_v = log_params[:, : partition.r_max]  # padding holds 0: v = 1, which adds no KL and gets no gradient
         alpha = spec.alpha
         sample = spec.mixture_sample
         sqrt_v = (0.5 * log_v).exp()
         norm = None if spec.sparse_mixture else sample.norm(dim=-1, keepdim=True)  # one-hot(argmax pi): norm 1
         scale = spec.sample_scaler * sqrt_v if norm is None else (spec.sample_scaler * norm) * sqrt_v
-        outputs = partition.split_rows(scale.unsqueeze(-1))
+        outputs: list[torch.Tensor] = []
+        start = 0
+        for draw in spec.draws:
+            count, rank, _ = draw.noise.shape
+            outputs += (scale[start : start + count, :rank].unsqueeze(-1) * draw.noise).to(spec.dtype).unbind(0)
+            start += count
         row_sq = None
         if spec.with_regulariser:
             row_sq = partition.stack_rows([draw.row_sq.view(-1) for draw in spec.draws], fill=1.0)
@@ -211,23 +223,22 @@ class _StepNode(torch.autograd.Function):
     def backward(ctx, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         spec: _StepSpec = ctx.spec
         count = len(spec.partition.ranks)
-        scale_grads = grads[:count]
+        delta_grads = grads[:count]
         g_kl_n, g_kl_w, g_kl_d, g_coop = grads[count:] if spec.with_regulariser else (None,) * 4
         if any(g is not None for g in (g_kl_n, g_kl_w, g_kl_d, g_coop)):
             slots = tuple(range(count))
             rows = spec.partition
         else:  # a replayed block (reentrant checkpointing): only its layers, O(block) ops
-            slots = tuple(i for i, g in enumerate(scale_grads) if g is not None)
+            slots = tuple(i for i, g in enumerate(delta_grads) if g is not None)
             if not slots:
-                return (None,) * (1 + 2 * count)
+                return None, None
             rows = spec.partition if len(slots) == count else spec.partition.subset(slots)
         v, alpha, sample = rows.select(ctx.v), rows.select(ctx.alpha), rows.select(spec.mixture_sample)
         grad_log_v = torch.zeros_like(v)
         grad_sample = None
-        if any(scale_grads[i] is not None for i in slots):
-            zero = v.new_zeros(rows.r_max, 1)
-            filled = [zero[: spec.partition.ranks[i]] if scale_grads[i] is None else scale_grads[i] for i in slots]
-            weighted = rows.stack_rows(filled, fill=0.0) * rows.select(ctx.scale)  # d loss / d ln(scale)
+        grad_scale = _scale_gradient(spec, delta_grads, slots)
+        if grad_scale is not None:
+            weighted = grad_scale * rows.select(ctx.scale)  # d loss / d ln(scale)
             grad_log_v = grad_log_v + 0.5 * weighted
             if ctx.norm is not None:  # d||x||/dx = x/||x||
                 grad_sample = (weighted.sum(-1, keepdim=True) / rows.select(ctx.norm).square()) * sample
@@ -243,20 +254,41 @@ class _StepNode(torch.autograd.Function):
             prior = spec.dirichlet_prior
             kl_d_grad = (alpha - prior) * torch.polygamma(1, alpha) - torch.polygamma(1, total) * (total - alpha.shape[-1] * prior)
             grad_alpha = grad_alpha + g_kl_d * kl_d_grad
-        log_v_grads: list[torch.Tensor | None] = [None] * count
-        log_alpha_grads: list[torch.Tensor | None] = [None] * count
-        for slot, g_v, g_a in zip(slots, rows.split_rows(grad_log_v.unsqueeze(-1)), (grad_alpha * alpha).unsqueeze(1).unbind(0), strict=True):
-            log_v_grads[slot], log_alpha_grads[slot] = g_v, g_a
-        return (None, *log_v_grads, *log_alpha_grads)
+        grad = torch.cat((grad_log_v, grad_alpha * alpha), dim=-1)
+        if rows.index is not None:  # a block's rows into the whole stack
+            grad = grad.new_zeros(count, grad.shape[-1]).index_copy_(0, rows.index, grad)
+        return None, grad
+
+
+def _scale_gradient(spec: _StepSpec, delta_grads: Sequence[torch.Tensor | None], slots: tuple[int, ...]) -> torch.Tensor | None:
+    """d loss / d scale for the rows `slots` (len(slots), r_max), from the deltas' gradients:
+    sum over columns of grad * noise, one batched product per noise group; None without any."""
+    if all(delta_grads[i] is None for i in slots):
+        return None
+    r_max = spec.partition.r_max
+    parts, start, wanted = [], 0, set(slots)
+    for draw in spec.draws:
+        count, rank, n_in = draw.noise.shape
+        members = [i for i in range(start, start + count) if i in wanted]
+        present = [delta_grads[i] for i in members if delta_grads[i] is not None]
+        if present:
+            zero = present[0].new_zeros(rank, n_in) if len(present) < len(members) else None
+            grads = torch.stack([zero if delta_grads[i] is None else delta_grads[i] for i in members]).float()
+            noise = draw.noise if len(members) == count else draw.noise[torch.tensor(members, device=draw.noise.device) - start]
+            part = (grads * noise).sum(-1)
+            parts.append(part if rank == r_max else torch.nn.functional.pad(part, (0, r_max - rank)))
+        elif members:  # a group none of whose layers was used in this forward
+            parts.append(draw.noise.new_zeros(len(members), r_max))
+        start += count
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 @dataclass
 class _ForwardState:
-    """One forward's per-layer scales and noise (indexed by layer), and its regulariser."""
+    """One forward's per-layer weight deltas (indexed by layer), and its regulariser."""
 
     key: tuple[int, int]
-    scales: list[torch.Tensor | None]
-    noise: list[torch.Tensor | None]
+    deltas: list[torch.Tensor | None]
     regulariser: dict[str, torch.Tensor] | None = None
 
 
@@ -272,39 +304,97 @@ class MonteCLoRAEngine:
         self.layers: list[MonteCLoRALinearA] = []
         self.forward_index = 0  # index of the next training forward
         self.predictive_draw: int | None = None
+        self._stacks: list[list[int]] = []  # per stacked parameter: its layers' indices, in row order
+        self._rows: dict[int, tuple[int, int]] = {}  # layer index -> (stack, row)
+        # Per partition: the dtype its layers' weights had in a forward. Learnt from the layers, not
+        # read from them in the root's pre-hook, where a ZeRO-3 weight read would be fetched (and
+        # registered with the root) and an FSDP2 one would still be the sharded fp32 master.
+        self._delta_dtypes: dict[int, torch.dtype] = {}
         self._partitions: list[_DevicePartition] | None = None
-        self._layout_device: torch.device | None = None
+        self._layout_device: tuple[torch.device, ...] | None = None
         self._train: _ForwardState | None = None
         self._predictive: _ForwardState | None = None
 
-    # -- layers --------------------------------------------------------------------------------
+    # -- layers and their stacked parameters -------------------------------------------------
     def register(self, layer: MonteCLoRALinearA) -> int:
+        if self._stacks:
+            raise RuntimeError("MonteCLoRA: a layer was added after the adapter's parameters were stacked")
         self.layers.append(layer)
-        self._partitions = None
         return len(self.layers) - 1
 
-    def _layout(self) -> list[_DevicePartition]:
-        """Partitions by device and noise groups by shape; rebuilt when a layer was added or the
-        model moved to another device."""
-        first_device = self.layers[0].wishart_log_scale.device
-        if self._partitions is not None and self._layout_device == first_device:
-            return self._partitions
-        self._layout_device = first_device
-        by_shape: dict[tuple, list[MonteCLoRALinearA]] = {}
+    def stack_parameters(self) -> None:
+        """Make the registered layers' initial ln v and ln alpha one parameter per device, held by
+        that device's first layer; called once, after the last layer is registered.
+
+        Rows are grouped by noise shape (the order of the batched draws), so a forward's rows are
+        the stacked parameter itself and the step node needs no per-layer gather."""
+        by_shape: dict[tuple, list[int]] = {}
         for layer in self.layers:
-            key = (layer.wishart_log_scale.device, layer.out_features, layer.in_features, layer.dof)
-            by_shape.setdefault(key, []).append(layer)
-        groups, partitions_by_device = [], {}
-        for number, ((device, rank, n_in, dof), members) in enumerate(by_shape.items()):
-            groups.append(NoiseGroup(rank, n_in, dof, device, len(members)))
-            layers, numbers = partitions_by_device.setdefault(device, ([], []))
-            layers.extend(members)
-            numbers.append(number)
+            by_shape.setdefault((layer.weight.device, *self._noise_shape(layer)), []).append(layer.layer_index)
+        by_device: dict[torch.device, list[int]] = {}
+        for (device, *_), members in by_shape.items():
+            by_device.setdefault(device, []).extend(members)
+        for device, members in by_device.items():
+            layers = [self.layers[i] for i in members]
+            r_max = max(layer.out_features for layer in layers)
+            rows = []
+            for layer in layers:
+                log_v, log_alpha = layer.initial_log_params
+                rows.append(torch.cat((log_v, log_v.new_zeros(r_max - log_v.shape[0]), log_alpha)))
+                layer.initial_log_params = None
+            layers[0].register_parameter(LOG_PARAMS, torch.nn.Parameter(torch.stack(rows).to(device)))
+            for slot, index in enumerate(members):
+                self._rows[index] = (len(self._stacks), slot)
+            self._stacks.append(members)
+
+    @staticmethod
+    def _noise_shape(layer: MonteCLoRALinearA) -> tuple[int, int, float]:
+        return layer.out_features, layer.in_features, layer.dof
+
+    def stacked_parameters(self) -> list[torch.nn.Parameter]:
+        """The adapter's trainable ln v / ln alpha tensors: one per device (usually one)."""
+        return [getattr(self.layers[members[0]], LOG_PARAMS) for members in self._stacks]
+
+    def row_of(self, layer: MonteCLoRALinearA) -> tuple[int, int]:
+        """(stacked parameter, row) of `layer`."""
+        return self._rows[layer.layer_index]
+
+    def log_params_row(self, layer: MonteCLoRALinearA, full: bool = False) -> torch.Tensor:
+        """`layer`'s row of its stacked [ln v (padded with 0) | ln alpha]: a view of the parameter,
+        or (`full`) of its whole fp32 value where ZeRO-3 or FSDP2 shard it (collective)."""
+        stack, slot = self.row_of(layer)
+        stacked = self.stacked_parameters()[stack]
+        if full:
+            gather_zero3([stacked])
+            stacked = full_fp32(stacked)
+        return stacked[slot]
+
+    def note_weight_dtype(self, layer: MonteCLoRALinearA, dtype: torch.dtype) -> None:
+        """`layer` had to cast its delta to `dtype`: the next forward computes its partition's deltas
+        in it (one cast per noise group instead of one per layer and step)."""
+        self._delta_dtypes[self.row_of(layer)[0]] = dtype
+
+    def _layout(self) -> list[_DevicePartition]:
+        """One partition per stacked parameter, its noise groups by shape; rebuilt when the model
+        moved to another device."""
+        params = self.stacked_parameters()
+        devices = tuple(param.device for param in params)
+        if self._partitions is not None and self._layout_device == devices:
+            return self._partitions
+        self._layout_device = devices
+        groups: list[NoiseGroup] = []
+        self._partitions = []
+        for members, device in zip(self._stacks, devices, strict=True):
+            layers = [self.layers[i] for i in members]
+            by_shape: dict[tuple, int] = {}
+            for layer in layers:
+                shape = self._noise_shape(layer)
+                by_shape[shape] = by_shape.get(shape, 0) + 1
+            numbers = list(range(len(groups), len(groups) + len(by_shape)))
+            groups += [NoiseGroup(rank, n_in, dof, device, count) for (rank, n_in, dof), count in by_shape.items()]
+            rows = _Partition.build([m.out_features for m in layers], [m.dof for m in layers], device)
+            self._partitions.append(_DevicePartition(layers, numbers, rows))
         self.sampler.set_groups(tuple(groups))
-        self._partitions = [
-            _DevicePartition(layers, numbers, _Partition.build([m.out_features for m in layers], [m.dof for m in layers], device))
-            for device, (layers, numbers) in partitions_by_device.items()
-        ]
         return self._partitions
 
     # -- forwards ------------------------------------------------------------------------------
@@ -331,8 +421,9 @@ class MonteCLoRAEngine:
             self.sampler.rank = data_parallel_rank()
             self._predictive = self._build(key, with_regulariser=False, root=root)
 
-    def weight_noise(self, layer: MonteCLoRALinearA) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(row scale, noise) of `layer` in the current forward, or None where the mean is used."""
+    def weight_delta(self, layer: MonteCLoRALinearA) -> torch.Tensor | None:
+        """`layer`'s sampled weight minus its mean in the current forward (scale * noise), or None
+        where the mean is used."""
         if layer.training:
             if self._train is None:  # a layer run outside a model forward: start a forward now
                 with torch.enable_grad():
@@ -343,31 +434,30 @@ class MonteCLoRAEngine:
             state = self._predictive
         else:
             return None
-        return state.scales[layer.layer_index], state.noise[layer.layer_index]
+        return state.deltas[layer.layer_index]
 
     def _build(self, key: tuple[int, int], with_regulariser: bool, root: torch.nn.Module | None = None) -> _ForwardState:
         partitions = self._layout()
         stream, index = key
         draws = self.sampler.draw(key)
         count = len(self.layers)
-        state = _ForwardState(key, [None] * count, [None] * count)
+        state = _ForwardState(key, [None] * count)
         sums: list[tuple[torch.Tensor, ...]] = []
         for number, partition in enumerate(partitions):
             group_draws = [draws[g] for g in partition.groups]
-            gather_zero3([p for layer in partition.layers for p in (layer.wishart_log_scale, layer.concentration_log)], owner=root)
-            log_v = [full_fp32(layer.wishart_log_scale) for layer in partition.layers]
-            log_alpha = [full_fp32(layer.concentration_log) for layer in partition.layers]
-            alpha = torch.cat(log_alpha).detach().exp()
+            stacked = partition.log_params
+            gather_zero3([stacked], owner=root)
+            log_params = full_fp32(stacked)
+            alpha = log_params[:, partition.rows.r_max :].detach().exp()
             generator = seeded_generator(alpha.device, stream_seed(self.config.seed, self.adapter_key, self.sampler.rank, _MIXTURE_STREAM[stream], index, number))
             config = self.config
             spec = _StepSpec(partition.rows, config.sample_scaler, config.sparse_mixture, config.dirichlet_prior,
-                             alpha, dirichlet_sample(alpha, generator), group_draws, with_regulariser)
+                             alpha, dirichlet_sample(alpha, generator), group_draws,
+                             self._delta_dtypes.get(number, torch.float32), with_regulariser)
             with torch.autocast(alpha.device.type, enabled=False):
-                outputs = _StepNode.apply(spec, *log_v, *log_alpha)
-            noise = [layer_noise for draw in group_draws for layer_noise in draw.noise.unbind(0)]
-            for layer, scale, layer_noise in zip(partition.layers, outputs, noise, strict=False):
-                state.scales[layer.layer_index] = scale
-                state.noise[layer.layer_index] = layer_noise
+                outputs = _StepNode.apply(spec, log_params)
+            for layer, delta in zip(partition.layers, outputs, strict=False):
+                state.deltas[layer.layer_index] = delta
             if with_regulariser:
                 sums.append(tuple(value.to(partitions[0].rows.dof.device) for value in outputs[len(partition.layers):]))
         if with_regulariser:

@@ -19,8 +19,9 @@ from torch import nn
 from monte_ds.atomic import atomic_directory
 from monte_ds.config import MonteCLoRAConfig
 from monte_ds.errors import InputError
-from monte_ds.monteclora.layer import EXTRA_PARAMS
-from monte_ds.monteclora.model import get_monteclora_model, monteclora_engine
+from monte_ds.monteclora.engine import LOG_PARAMS
+from monte_ds.monteclora.layer import EXTRA_PARAMS, LEGACY_PARAMS
+from monte_ds.monteclora.model import get_monteclora_model, monteclora_engine, monteclora_layers, peft_model_of
 from monte_ds.monteclora.sampler import data_parallel_rank
 
 WEIGHTS_NAME = SAFETENSORS_WEIGHTS_NAME  # peft's: the export loads with PeftModel.from_pretrained
@@ -31,13 +32,10 @@ LEGACY_SAMPLER_JSON = "sampler_state.json"  # its name in adapters saved before;
 
 
 def _unwrap(model: nn.Module) -> PeftModel:
-    """The PeftModel inside DeepSpeed/FSDP/DDP wrappers."""
-    while not isinstance(model, PeftModel):
-        inner = getattr(model, "module", None)
-        if inner is None:
-            raise ValueError(f"expected a PeftModel built by get_monteclora_model, got {type(model).__name__}")
-        model = inner
-    return model
+    peft_model = peft_model_of(model)
+    if peft_model is None:
+        raise ValueError(f"expected a PeftModel built by get_monteclora_model, got {type(model).__name__}")
+    return peft_model
 
 
 def _gathered(model: nn.Module):
@@ -64,6 +62,41 @@ def _full_cpu_state(peft_model: PeftModel, adapter_name: str) -> dict[str, torch
 
 def _is_extra(key: str) -> bool:
     return key.rsplit(".", 1)[-1] in EXTRA_PARAMS
+
+
+def _saved_prefix(module_name: str, adapter_name: str) -> str:
+    """A module's key prefix in a saved adapter: peft drops the adapter name."""
+    return module_name.replace(f".{adapter_name}", "")
+
+
+def _stack_legacy(state: dict[str, torch.Tensor], peft_model: PeftModel, adapter_name: str) -> dict[str, torch.Tensor]:
+    """An adapter saved with one ln v (r, 1) and one ln alpha (1, N) per layer, in the stacked
+    format: each device's rows in one [ln v (padded with 0) | ln alpha] tensor, keyed under the
+    first layer's A. A state without legacy keys is returned as it is."""
+    if not any(key.rsplit(".", 1)[-1] in LEGACY_PARAMS for key in state):
+        return state
+    state = dict(state)
+    names = {id(module): name for name, module in peft_model.named_modules()}
+    engine = monteclora_engine(peft_model, adapter_name)
+    layers = [layer for layer in monteclora_layers(peft_model) if layer.adapter_name == adapter_name]
+    stacks: dict[int, dict[int, torch.Tensor]] = {}
+    owners: dict[int, str] = {}
+    for layer in layers:
+        prefix = _saved_prefix(names[id(layer)], adapter_name)
+        try:
+            log_v, log_alpha = (state.pop(f"{prefix}.{name}").reshape(-1) for name in LEGACY_PARAMS)
+        except KeyError as err:
+            raise InputError(f"adapter does not match the model (missing {err.args[0]})") from None
+        stack, slot = engine.row_of(layer)
+        stacks.setdefault(stack, {})[slot] = (log_v, log_alpha)
+        if slot == 0:
+            owners[stack] = f"{prefix}.{LOG_PARAMS}"
+    for stack, rows in stacks.items():
+        r_max = max(log_v.shape[0] for log_v, _ in rows.values())
+        state[owners[stack]] = torch.stack([
+            torch.cat((log_v, log_v.new_zeros(r_max - log_v.shape[0]), log_alpha)) for log_v, log_alpha in (rows[i] for i in range(len(rows)))
+        ])
+    return state
 
 
 def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "default") -> None:
@@ -94,7 +127,7 @@ def load_adapter(
         raise InputError(f"not a monte-ds adapter (missing {', '.join(missing)})", key=str(directory))
     config = MonteCLoRAConfig.from_dict(json.loads((directory / CONFIG_NAME).read_text()))
     peft_model = get_monteclora_model(base_model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
-    state = load_file(directory / WEIGHTS_NAME)
+    state = _stack_legacy(load_file(directory / WEIGHTS_NAME), peft_model, adapter_name)
     expected = set(get_peft_model_state_dict(peft_model, adapter_name=adapter_name).keys())
     if set(state) != expected:
         absent, extra = sorted(expected - set(state)), sorted(set(state) - expected)

@@ -16,23 +16,27 @@ import torch.nn.functional as F
 from torch import nn
 
 from monte_ds.config import MonteCLoRAConfig
-from monte_ds.monteclora.engine import MonteCLoRAEngine, full_fp32
+from monte_ds.monteclora.engine import LOG_PARAMS, MonteCLoRAEngine
 from monte_ds.monteclora.math import STREAM_INIT, seeded_generator, stream_seed
 
-# Parameter names: they contain "lora_" so peft marks, saves and loads them with the adapter.
-WISHART_PARAM = "wishart_log_scale"
-DIRICHLET_PARAM = "concentration_log"
-EXTRA_PARAMS = (WISHART_PARAM, DIRICHLET_PARAM)
+# The adapter's ln v and ln alpha, stacked for all layers of a device into one parameter held by
+# the first layer's A (its name is under `lora_A`, so peft marks, saves and loads it with the
+# adapter). Adapters saved before held one (r, 1) and one (1, N) parameter per layer, under the
+# legacy names; `io.load_adapter` converts them.
+LEGACY_PARAMS = ("wishart_log_scale", "concentration_log")
+EXTRA_PARAMS = (LOG_PARAMS, *LEGACY_PARAMS)
 
 
 class MonteCLoRALinearA(nn.Linear):
     """A = mu + epsilon * ||pi||_2 * diag(sqrt v) * L_B * Z in training; A = mu in eval.
 
-    Trainable: `weight` (mu), `wishart_log_scale` (ln v, shape r x 1: it scales A's rows) and
-    `concentration_log` (ln alpha, shape 1 x N). Parameterised in log space so v and alpha stay
-    positive without clipping, and ln det V is exact. Stored 2-D because peft flags 1-D tensors
-    under `lora_A` as unsharded ZeRO-3 leftovers when it saves. The noise and the row scale of a
-    forward come from the adapter's engine, drawn for all layers at once.
+    Trainable: `weight` (mu), and this layer's row of the adapter's stacked `monteclora_log_params`
+    (ln v, r values: they scale A's rows; ln alpha, N values), read through the views
+    `wishart_log_scale` (r x 1) and `concentration_log` (1 x N). Parameterised in log space so v
+    and alpha stay positive without clipping, and ln det V is exact. One stacked tensor per adapter
+    instead of two per layer: each parameter tensor costs a gradient accumulation, the optimizer's
+    per-tensor work and, sharded, a collective (docs/performance.md). A forward's weight delta
+    (row scale times noise) comes from the adapter's engine, computed for all layers at once.
     """
 
     def __init__(self, lora_a: nn.Linear, config: MonteCLoRAConfig, engine: MonteCLoRAEngine, seeded_init: bool = True) -> None:
@@ -46,8 +50,11 @@ class MonteCLoRALinearA(nn.Linear):
         device = self.weight.device
         if seeded_init:
             self._seeded_mean_init(config)
-        self.wishart_log_scale = nn.Parameter(torch.zeros(self.out_features, 1, device=device, dtype=torch.float32))
-        self.concentration_log = nn.Parameter(self._initial_log_concentration(config, device).unsqueeze(0))
+        # Plain tensors until the engine stacks every layer's into the adapter's parameter.
+        self.initial_log_params: tuple[torch.Tensor, torch.Tensor] | None = (
+            torch.zeros(self.out_features, device=device, dtype=torch.float32),
+            self._initial_log_concentration(config, device),
+        )
 
     def _seeded_mean_init(self, config: MonteCLoRAConfig) -> None:
         """Re-draw peft's Kaiming-uniform init of A from (seed, layer) instead of the global RNG,
@@ -71,23 +78,42 @@ class MonteCLoRALinearA(nn.Linear):
         return uniform.log().to(device)
 
     @property
+    def wishart_log_scale(self) -> torch.Tensor:
+        """ln v (r x 1): a view of this layer's row of the stacked parameter (writable under no_grad)."""
+        return self.engine.log_params_row(self)[: self.out_features].unsqueeze(-1)
+
+    @property
+    def concentration_log(self) -> torch.Tensor:
+        """ln alpha (1 x N): a view of this layer's row of the stacked parameter."""
+        row = self.engine.log_params_row(self)
+        return row[row.shape[0] - self.engine.config.n_components :].unsqueeze(0)
+
+    def log_params_grad(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """This layer's rows of the stacked parameter's gradient: (ln v (r x 1), ln alpha (1 x N))."""
+        stack, slot = self.engine.row_of(self)
+        grad = self.engine.stacked_parameters()[stack].grad
+        if grad is None:
+            return None
+        n = self.engine.config.n_components
+        return grad[slot, : self.out_features].unsqueeze(-1), grad[slot, grad.shape[1] - n :].unsqueeze(0)
+
+    @property
     def wishart_scale(self) -> torch.Tensor:
         """v > 0, the diagonal of the Wishart scale matrix V."""
-        return full_fp32(self.wishart_log_scale).flatten().exp()
+        return self.engine.log_params_row(self, full=True)[: self.out_features].exp()
 
     @property
     def concentration(self) -> torch.Tensor:
         """alpha > 0, the Dirichlet concentration of the mixture weights."""
-        return full_fp32(self.concentration_log).flatten().exp()
+        return self.engine.log_params_row(self, full=True)[-self.engine.config.n_components :].exp()
 
     def sampled_weight(self) -> torch.Tensor:
         """The weight used by this forward: the mean, or the mean plus this forward's noise."""
-        noise = self.engine.weight_noise(self)
-        if noise is None:
+        delta = self.engine.weight_delta(self)
+        if delta is None:
             return self.weight
-        row_scale, draw = noise
-        delta = row_scale * draw
-        if delta.dtype != self.weight.dtype:
+        if delta.dtype != self.weight.dtype:  # bf16 weights: later forwards compute deltas in their dtype
+            self.engine.note_weight_dtype(self, self.weight.dtype)
             delta = delta.to(self.weight.dtype)
         return self.weight + delta
 
@@ -97,5 +123,5 @@ class MonteCLoRALinearA(nn.Linear):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, r={self.out_features}, "
-            f"n_components={self.concentration_log.shape[-1]}, sample_scaler={self.engine.config.sample_scaler}"
+            f"n_components={self.engine.config.n_components}, sample_scaler={self.engine.config.sample_scaler}"
         )
