@@ -33,6 +33,7 @@ LORA = "lora"
 MONTE_DS = "monte-ds"
 PEFT_MONTECLORA = "peft-monteclora"
 METHODS = (LORA, MONTE_DS, PEFT_MONTECLORA)
+OPTIMIZERS = ("fused", "foreach", "forloop", "paged_adamw_32bit")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Linux: writing 5 to clear_refs resets VmHWM, the RSS high-water mark (proc(5)).
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -58,6 +59,8 @@ class RunSettings:
     steps: int
     seed: int
     threads: int | None
+    optimizer: str = "fused"
+    compile: str | None = None
 
     def save(self, path: Path) -> None:
         atomic_write_json(path, dataclasses.asdict(self))
@@ -161,6 +164,19 @@ class PeakMemory:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def make_optimizer(params: list[torch.nn.Parameter], name: str) -> torch.optim.Optimizer:
+    """AdamW as each training setup runs it. fused: one multi-tensor update, as a GPU run with
+    optim="adamw_torch_fused" does (the CPU kernel still loops per tensor for the step counters:
+    see docs/performance.md); foreach: torch's default on CUDA (optim="adamw_torch"); forloop: one
+    update per tensor; paged_adamw_32bit: bitsandbytes' (the QLoRA config's), a Python loop."""
+    if name == "paged_adamw_32bit":
+        import bitsandbytes
+
+        return bitsandbytes.optim.PagedAdamW32bit(params, lr=1e-4)
+    flags = {"fused": {"fused": True}, "foreach": {"foreach": True}, "forloop": {"foreach": False}}
+    return torch.optim.AdamW(params, lr=1e-4, **flags[name])
+
+
 def training_step(
     model: PeftModel, regulariser: Callable[[], torch.Tensor | float], optimizer: torch.optim.Optimizer, settings: RunSettings
 ) -> Callable[[int], None]:
@@ -251,11 +267,10 @@ def run(settings: RunSettings, method: str) -> dict:
     model, regulariser = adapt(load_base(settings), method, settings)
     memory_after_build = memory.current()
     memory.reset()
-    # fused: one multi-tensor update, as a GPU run with optim="adamw_torch_fused" does (the CPU
-    # kernel still loops per tensor for the step counters: see docs/performance.md)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
+    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], settings.optimizer)
     model.train()
-    step = training_step(model, regulariser, optimizer, settings)
+    forward = model if settings.compile is None else torch.compile(model, backend=settings.compile)
+    step = training_step(forward, regulariser, optimizer, settings)
     wall, cpu = train_step_seconds(step, settings)
     peak = memory.peak()
     return {

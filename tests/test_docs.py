@@ -228,6 +228,7 @@ EXERCISES: dict[str, Exercise] = {
     "lm_eval": check_lm_eval,
     "benchmarks/vs_peft_monteclora.py": parse_script_args,
     "benchmarks/overhead.py": parse_script_args,
+    "benchmarks/collectives.py": parse_script_args,
     "benchmarks/gpu_suite.py": parse_script_args,
     "studies/robustness/make_data.py": parse_script_args,
     "studies/robustness/pretrain.py": parse_script_args,
