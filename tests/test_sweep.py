@@ -559,6 +559,20 @@ def test_a_completed_run_without_its_configured_report_is_not_finished(tmp_path)
     assert read_outcome(tmp_path).status == "completed"
 
 
+def test_a_run_whose_evaluation_was_interrupted_is_not_finished(tmp_path):
+    """A killed generative suite leaves a report with that suite partial: not a result yet."""
+    (tmp_path / "config.json").write_text(json.dumps({"eval": {"suites": ["gsm8k"]}}))
+    (tmp_path / "metrics.json").write_text(json.dumps({"status": "completed"}))
+    (tmp_path / "report").mkdir()
+    report = {"suites": {"gsm8k": {"status": "partial", "tasks": ["gsm8k"]}}, "lm_eval": {"results": {}}}
+    (tmp_path / "report" / "report.json").write_text(json.dumps(report))
+    outcome = read_outcome(tmp_path)
+    assert outcome.status == "pending" and "gsm8k" in outcome.detail
+    report["suites"]["gsm8k"]["status"] = "completed"
+    (tmp_path / "report" / "report.json").write_text(json.dumps(report))
+    assert read_outcome(tmp_path).status == "completed"
+
+
 def test_report_scores_reads_the_brier_score_and_the_posterior_predictive_metrics():
     calibration = {"piqa": {"acc": 0.6, "nll": 0.9, "nll_stderr": 0.02, "ece": 0.05, "brier": 0.4}}
     report = build_report(

@@ -1,7 +1,7 @@
 """What one training run of the sweep produced, read back from its output dir.
 
 A run is *finished* when `metrics.json` says completed (and, when its config asks for an
-evaluation, `report/report.json` exists) or diverged: both are results and a restart skips
+evaluation, `report/report.json` exists with every suite completed) or diverged: both are results and a restart skips
 them. Anything else is *pending* before the run is launched and *failed* after it was.
 """
 
@@ -75,6 +75,11 @@ def read_outcome(run_dir: Path) -> Outcome:
     report = read_json(run_dir / REPORT_DIR / REPORT_JSON)
     if report is None:
         return Outcome("pending", detail=f"training completed but no {REPORT_DIR}/{REPORT_JSON}")
+    # An interrupted evaluation leaves a report whose unfinished suites say so (partial, failed):
+    # their scores are missing, so the run is not a result yet.
+    unfinished = sorted(name for name, suite in (report.get("suites") or {}).items() if suite.get("status") != COMPLETED)
+    if unfinished:
+        return Outcome("pending", detail=f"evaluation not complete ({', '.join(unfinished)})")
     return Outcome(COMPLETED, report_scores(report), bins=report_bins(report))
 
 
