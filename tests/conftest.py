@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -55,3 +58,18 @@ def load_base(tiny_checkpoint) -> Callable[..., LlamaForCausalLM]:
 @pytest.fixture
 def input_ids() -> torch.Tensor:
     return torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def sigkill_when(argv: Sequence[str], ready: Callable[[], bool], timeout_s: float) -> None:
+    """Start `argv` (output discarded) and SIGKILL it as soon as `ready()` holds; fails if the
+    process exits first or `timeout_s` passes."""
+    process = subprocess.Popen(list(argv), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not ready():
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    finally:
+        process.kill()

@@ -8,11 +8,8 @@ of the scoring; the kill is a real SIGKILL of a `monte-ds eval` process)."""
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -26,6 +23,7 @@ from monte_ds.evaluation import evaluate, plan_evaluation
 from monte_ds.evaluation.generated import GSM8K_TASK, write_tasks
 from monte_ds.evaluation.limits import GenerationLimit, apply_limits
 from monte_ds.tiny import build_tiny_llama
+from tests.conftest import sigkill_when
 
 DOCS, BATCH = 6, 2  # three chunks of two documents
 
@@ -102,17 +100,8 @@ def test_a_killed_generative_suite_keeps_its_finished_documents_and_a_rerun_comp
 
     # Killed (SIGKILL) while generating the second chunk: the first is in the report, as partial.
     out = tmp_path / "killed"
-    process = subprocess.Popen([sys.executable, "-c", KILLED_RUN, *eval_args(tiny_model, data_dir, out)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 300
-        while not (out / "report.json").is_file():
-            assert process.poll() is None and time.monotonic() < deadline
-            time.sleep(0.2)
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-    finally:
-        process.kill()
+    sigkill_when([sys.executable, "-c", KILLED_RUN, *eval_args(tiny_model, data_dir, out)],
+                 lambda: (out / "report.json").is_file(), timeout_s=300)
     partial = read(out)
     suite = partial["suites"][GSM8K_TASK]
     assert suite["status"] == "partial" and suite["progress"] == {GSM8K_TASK: {"done": 2, "total": 6}}

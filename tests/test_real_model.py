@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -28,6 +26,7 @@ from monte_ds import load_adapter, pretrained
 from monte_ds.errors import UserError, run_cli
 from monte_ds.train.config import validate_config
 from monte_ds.train.run import main
+from tests.conftest import sigkill_when
 
 pytestmark = pytest.mark.slow
 
@@ -82,16 +81,8 @@ def test_preparing_again_is_a_no_op_and_a_foreign_folder_is_refused(prepared, tm
 def test_a_killed_conversion_leaves_nothing_at_the_path(tmp_path):
     target = tmp_path / "model"
     script = f"from monte_ds.pretrained import prepare_model; prepare_model({NAME!r}, {str(target)!r})"
-    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 600
-        while not any(tmp_path.glob(".model.*.tmp/*")):  # the first file of the conversion is being written
-            assert process.poll() is None and time.monotonic() < deadline
-            time.sleep(0.2)
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-    finally:
-        process.kill()
+    # killed once the first file of the conversion is being written
+    sigkill_when([sys.executable, "-c", script], lambda: any(tmp_path.glob(".model.*.tmp/*")), timeout_s=600)
     assert not target.exists()
     assert not pretrained.is_prepared(target)
 

@@ -72,6 +72,15 @@ def full_fp32(param: torch.Tensor) -> torch.Tensor:
     return param if param.dtype == torch.float32 else param.float()
 
 
+def stack_log_params(rows: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Per-layer (ln v (r_l values), ln alpha (N values)), in row order, as the stacked
+    L x (r_max + N) parameter's value: ln v padded with 0 (v = 1) up to r_max, then ln alpha."""
+    r_max = max(log_v.numel() for log_v, _ in rows)
+    return torch.stack([
+        torch.cat((log_v.reshape(-1), log_v.new_zeros(r_max - log_v.numel()), log_alpha.reshape(-1))) for log_v, log_alpha in rows
+    ])
+
+
 def gather_zero3(params: Sequence[torch.Tensor], owner: torch.nn.Module | None = None) -> None:
     """Make ZeRO-3 partitioned v and alpha whole on this rank (collective: every rank runs the
     same forwards) and, given `owner`, keep them whole until `owner`'s backward has ended.
@@ -336,13 +345,10 @@ class MonteCLoRAEngine:
             by_device.setdefault(device, []).extend(members)
         for device, members in by_device.items():
             layers = [self.layers[i] for i in members]
-            r_max = max(layer.out_features for layer in layers)
-            rows = []
+            stacked = stack_log_params([layer.initial_log_params for layer in layers])
             for layer in layers:
-                log_v, log_alpha = layer.initial_log_params
-                rows.append(torch.cat((log_v, log_v.new_zeros(r_max - log_v.shape[0]), log_alpha)))
                 layer.initial_log_params = None
-            layers[0].register_parameter(LOG_PARAMS, torch.nn.Parameter(torch.stack(rows).to(device)))
+            layers[0].register_parameter(LOG_PARAMS, torch.nn.Parameter(stacked.to(device)))
             for slot, index in enumerate(members):
                 self._rows[index] = (len(self._stacks), slot)
             self._stacks.append(members)

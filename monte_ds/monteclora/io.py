@@ -19,7 +19,7 @@ from torch import nn
 from monte_ds.atomic import atomic_directory
 from monte_ds.config import MonteCLoRAConfig
 from monte_ds.errors import InputError
-from monte_ds.monteclora.engine import LOG_PARAMS
+from monte_ds.monteclora.engine import LOG_PARAMS, stack_log_params
 from monte_ds.monteclora.layer import EXTRA_PARAMS, LEGACY_PARAMS
 from monte_ds.monteclora.model import get_monteclora_model, monteclora_engine, monteclora_layers, peft_model_of
 from monte_ds.monteclora.sampler import data_parallel_rank
@@ -79,12 +79,12 @@ def _stack_legacy(state: dict[str, torch.Tensor], peft_model: PeftModel, adapter
     names = {id(module): name for name, module in peft_model.named_modules()}
     engine = monteclora_engine(peft_model, adapter_name)
     layers = [layer for layer in monteclora_layers(peft_model) if layer.adapter_name == adapter_name]
-    stacks: dict[int, dict[int, torch.Tensor]] = {}
+    stacks: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
     owners: dict[int, str] = {}
     for layer in layers:
         prefix = _saved_prefix(names[id(layer)], adapter_name)
         try:
-            log_v, log_alpha = (state.pop(f"{prefix}.{name}").reshape(-1) for name in LEGACY_PARAMS)
+            log_v, log_alpha = (state.pop(f"{prefix}.{name}") for name in LEGACY_PARAMS)
         except KeyError as err:
             raise InputError(f"adapter does not match the model (missing {err.args[0]})") from None
         stack, slot = engine.row_of(layer)
@@ -92,10 +92,7 @@ def _stack_legacy(state: dict[str, torch.Tensor], peft_model: PeftModel, adapter
         if slot == 0:
             owners[stack] = f"{prefix}.{LOG_PARAMS}"
     for stack, rows in stacks.items():
-        r_max = max(log_v.shape[0] for log_v, _ in rows.values())
-        state[owners[stack]] = torch.stack([
-            torch.cat((log_v, log_v.new_zeros(r_max - log_v.shape[0]), log_alpha)) for log_v, log_alpha in (rows[i] for i in range(len(rows)))
-        ])
+        state[owners[stack]] = stack_log_params([rows[slot] for slot in range(len(rows))])
     return state
 
 
