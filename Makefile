@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.monte-ds-installed
 
-.PHONY: demo test install
+.PHONY: demo test lint install
 
 install: $(STAMP)
 
@@ -29,8 +29,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python launch/train.py --config configs/tiny.json
 
-test: $(STAMP)
+# The linter and the formatter's check (settings in pyproject.toml), then the whole suite.
+test: lint
 	$(BIN)/python -m pytest -q tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 # The air-gapped GPU node's kit (docs/performance.md): the wheels it lacks for CPython 3.12,
 # the suite's files and run.sh, in .gpu-kit/ (<= 60 MiB). Needs PyPI here, nothing there.

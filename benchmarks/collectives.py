@@ -36,6 +36,7 @@ from monte_ds.atomic import atomic_write_json
 from monte_ds.errors import UserError, run_cli
 from monte_ds.monteclora.model import lora_config
 
+
 METHODS = ("lora", "monte-ds")
 WORLD_SIZE = 2
 # Collective launches: the process group's c10d ops (DTensor's functional collectives dispatch to
@@ -57,8 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _adapt(method: str, args: argparse.Namespace):
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=args.hidden_size, intermediate_size=2 * args.hidden_size + 44, num_hidden_layers=args.num_layers,
-                         num_attention_heads=4, vocab_size=512, max_position_embeddings=16)
+    config = LlamaConfig(
+        hidden_size=args.hidden_size,
+        intermediate_size=2 * args.hidden_size + 44,
+        num_hidden_layers=args.num_layers,
+        num_attention_heads=4,
+        vocab_size=512,
+        max_position_embeddings=16,
+    )
     base = LlamaForCausalLM(config)
     adapter = MonteCLoRAConfig(r=args.rank, lora_alpha=2 * args.rank, seed=0)
     if method == "lora":
@@ -93,7 +100,8 @@ def _count(rank: int, method: str, args: argparse.Namespace, port: int, out: Pat
             for number in range(1, 1 + args.steps):
                 step(number)
         counts = collections.Counter(
-            event.name for event in profiler.events()
+            event.name
+            for event in profiler.events()
             if event.name.startswith(_COLLECTIVE_PREFIXES) and not any(word in event.name for word in _NOT_LAUNCHES)
         )
         if rank == 0:
@@ -125,11 +133,24 @@ def main(argv: list[str] | None = None) -> int:
     extra = totals["monte-ds"] - totals["lora"]
     adapted = 7 * args.num_layers
     for method, counts in results.items():
-        print(f"{method:<9} {totals[method]:>6.1f} collectives/step  " + ", ".join(f"{k} {v:g}" for k, v in counts.items()))
-    print(f"monte-ds - lora: {extra:+.1f} collectives per step ({extra / adapted:+.3f} per adapted layer, {adapted} layers)")
+        print(
+            f"{method:<9} {totals[method]:>6.1f} collectives/step  "
+            + ", ".join(f"{k} {v:g}" for k, v in counts.items())
+        )
+    print(
+        f"monte-ds - lora: {extra:+.1f} collectives per step ({extra / adapted:+.3f} per adapted layer, {adapted} layers)"
+    )
     if args.json is not None:
-        atomic_write_json(args.json, {"settings": {k: v for k, v in vars(args).items() if k != "json"}, "per_step": results,
-                                      "totals": totals, "extra_per_step": extra, "adapted_layers": adapted})
+        atomic_write_json(
+            args.json,
+            {
+                "settings": {k: v for k, v in vars(args).items() if k != "json"},
+                "per_step": results,
+                "totals": totals,
+                "extra_per_step": extra,
+                "adapted_layers": adapted,
+            },
+        )
     return 0
 
 

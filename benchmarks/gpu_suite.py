@@ -47,6 +47,7 @@ import torch
 from monte_ds.atomic import atomic_write_json, atomic_write_text
 from monte_ds.errors import UserError, run_cli
 
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 CUDA_TESTS = ["tests/test_cuda.py", "tests/test_sampler.py::test_cuda_side_stream_draws_equal_sync_draws"]
@@ -159,16 +160,92 @@ def card_fit(result: dict) -> dict:
 # worker take ~40 s. Hence one round and few steps per size, and caps ~1.5x the expected cost
 # (expected in all ~340 s, so every step starts within the default budget). Smoke caps leave 2x
 # or more of the smoke cost measured here (up to 48 s for cuda-tests on a loaded machine).
-_1B = ["--hidden-size", "2048", "--intermediate-size", "5504", "--num-layers", "16", "--num-heads", "16",
-       "--vocab-size", "32000", "--rank", "16", "--batch-size", "4", "--seq-len", "512", "--dtype", "bf16",
-       "--methods", "lora,monte-ds", "--rounds", "1", "--steps", "8", "--warmup-steps", "3"]
-_7B = ["--hidden-size", "4096", "--intermediate-size", "11008", "--num-layers", "32", "--num-heads", "32",
-       "--vocab-size", "32000", "--rank", "16", "--batch-size", "1", "--seq-len", "512", "--dtype", "bf16",
-       "--load-in-4bit", "--gradient-checkpointing", "--methods", "lora,monte-ds",
-       "--rounds", "1", "--steps", "3", "--warmup-steps", "2"]
-_TINY = ["--hidden-size", "32", "--intermediate-size", "64", "--num-layers", "1", "--num-heads", "4",
-         "--vocab-size", "128", "--rank", "4", "--batch-size", "2", "--seq-len", "16", "--dtype", "fp32",
-         "--rounds", "1", "--steps", "2", "--warmup-steps", "1", "--methods", "lora,monte-ds"]
+_1B = [
+    "--hidden-size",
+    "2048",
+    "--intermediate-size",
+    "5504",
+    "--num-layers",
+    "16",
+    "--num-heads",
+    "16",
+    "--vocab-size",
+    "32000",
+    "--rank",
+    "16",
+    "--batch-size",
+    "4",
+    "--seq-len",
+    "512",
+    "--dtype",
+    "bf16",
+    "--methods",
+    "lora,monte-ds",
+    "--rounds",
+    "1",
+    "--steps",
+    "8",
+    "--warmup-steps",
+    "3",
+]
+_7B = [
+    "--hidden-size",
+    "4096",
+    "--intermediate-size",
+    "11008",
+    "--num-layers",
+    "32",
+    "--num-heads",
+    "32",
+    "--vocab-size",
+    "32000",
+    "--rank",
+    "16",
+    "--batch-size",
+    "1",
+    "--seq-len",
+    "512",
+    "--dtype",
+    "bf16",
+    "--load-in-4bit",
+    "--gradient-checkpointing",
+    "--methods",
+    "lora,monte-ds",
+    "--rounds",
+    "1",
+    "--steps",
+    "3",
+    "--warmup-steps",
+    "2",
+]
+_TINY = [
+    "--hidden-size",
+    "32",
+    "--intermediate-size",
+    "64",
+    "--num-layers",
+    "1",
+    "--num-heads",
+    "4",
+    "--vocab-size",
+    "128",
+    "--rank",
+    "4",
+    "--batch-size",
+    "2",
+    "--seq-len",
+    "16",
+    "--dtype",
+    "fp32",
+    "--rounds",
+    "1",
+    "--steps",
+    "2",
+    "--warmup-steps",
+    "1",
+    "--methods",
+    "lora,monte-ds",
+]
 STEPS = [
     Step("cuda-tests", 75, 120, run_cuda_tests),
     Step("overhead-1b-bf16-async", 80, 120,
@@ -246,7 +323,11 @@ def markdown(suite: dict) -> str:
         def fmt(key: str, pattern: str = "{:.2f}") -> str:
             return pattern.format(row[key]) if key in row else "—"
 
-        memory = f"{row['peak_memory_bytes'] / GIB:.2f} GiB ({row['peak_memory_ratio']:.3f}×)" if "peak_memory_ratio" in row else "—"
+        memory = (
+            f"{row['peak_memory_bytes'] / GIB:.2f} GiB ({row['peak_memory_ratio']:.3f}×)"
+            if "peak_memory_ratio" in row
+            else "—"
+        )
         lines.append(
             f"| {name} | {status_text(step)} | {step['seconds']:.0f} ({step['cap_s']}) | {fmt('step_time_ratio', '{:.3f}×')} | "
             f"{memory} | {fmt('extra_aten_ops_per_adapted_layer', '{:.1f}')} | "
@@ -254,7 +335,11 @@ def markdown(suite: dict) -> str:
         )
     qlora = suite["steps"].get("llama7b-qlora", {}).get("fits_24gb_card")
     if qlora:
-        lines += ["", "LLaMA-7B QLoRA fits a 24 GB card: " + ", ".join(f"{m}: {'yes' if ok else 'no'}" for m, ok in qlora.items())]
+        lines += [
+            "",
+            "LLaMA-7B QLoRA fits a 24 GB card: "
+            + ", ".join(f"{m}: {'yes' if ok else 'no'}" for m, ok in qlora.items()),
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -41,16 +41,29 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from monte_ds.atomic import atomic_write_json
 from monte_ds.errors import UserError, run_cli
 
+
 WORKER = Path(__file__).with_name("overhead_worker.py")
 # Targets for (b)/(a), reported, never asserted: step time and peak memory at the default CPU
 # size; step time in the launch-bound preset; extra aten ops per adapted layer everywhere.
-TARGETS = {"step_time_ratio": 1.05, "peak_memory_ratio": 1.03, "launch_bound_step_time_ratio": 1.15,
-           "extra_aten_ops_per_adapted_layer": 15}
+TARGETS = {
+    "step_time_ratio": 1.05,
+    "peak_memory_ratio": 1.03,
+    "launch_bound_step_time_ratio": 1.15,
+    "extra_aten_ops_per_adapted_layer": 15,
+}
 # A setting where host-side dispatch, not arithmetic, sets the step time (as on a GPU): tiny
 # hidden size, all 7 projections, one thread. Give --num-layers (e.g. 8 and 32) besides.
 PRESETS = {
-    "launch-bound": {"hidden_size": 64, "intermediate_size": 172, "num_heads": 4, "vocab_size": 1024, "rank": 8,
-                     "batch_size": 1, "seq_len": 16, "threads": 1},
+    "launch-bound": {
+        "hidden_size": 64,
+        "intermediate_size": 172,
+        "num_heads": 4,
+        "vocab_size": 1024,
+        "rank": 8,
+        "batch_size": 1,
+        "seq_len": 16,
+        "threads": 1,
+    },
 }
 MIB = 1024**2
 # What the worker counts per step (torch.profiler); each also reported as extra per adapted layer.
@@ -67,9 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                        help="defaults for a named setting (flags given explicitly still win): " +
-                        "; ".join(f"{name}: {values}" for name, values in PRESETS.items()))
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="defaults for a named setting (flags given explicitly still win): "
+        + "; ".join(f"{name}: {values}" for name, values in PRESETS.items()),
+    )
     size = parser.add_argument_group("model size (LlamaConfig)")
     size.add_argument("--hidden-size", type=int, default=512)
     size.add_argument("--intermediate-size", type=int, default=1376)
@@ -87,15 +104,27 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--gradient-checkpointing", action="store_true", help="non-reentrant, every decoder layer")
     train.add_argument("--sampler", choices=("auto", "async", "sync"), default="auto", help="monte-ds noise sampler")
     train.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    train.add_argument("--threads", type=int, default=None, help="torch intra-op threads per process (default: torch's)")
-    train.add_argument("--optimizer", choices=OPTIMIZERS, default="fused",
-                       help="AdamW implementation: fused (adamw_torch_fused), foreach (adamw_torch's default on CUDA), "
-                       "forloop, or bitsandbytes' paged_adamw_32bit (the QLoRA config's; CUDA only)")
-    train.add_argument("--compile", default=None, metavar="BACKEND",
-                       help="torch.compile the model with this backend (inductor: what SFTConfig(torch_compile=True) does; "
-                       "aot_eager: capture without codegen); compilation happens in the warm-up steps")
+    train.add_argument(
+        "--threads", type=int, default=None, help="torch intra-op threads per process (default: torch's)"
+    )
+    train.add_argument(
+        "--optimizer",
+        choices=OPTIMIZERS,
+        default="fused",
+        help="AdamW implementation: fused (adamw_torch_fused), foreach (adamw_torch's default on CUDA), "
+        "forloop, or bitsandbytes' paged_adamw_32bit (the QLoRA config's; CUDA only)",
+    )
+    train.add_argument(
+        "--compile",
+        default=None,
+        metavar="BACKEND",
+        help="torch.compile the model with this backend (inductor: what SFTConfig(torch_compile=True) does; "
+        "aot_eager: capture without codegen); compilation happens in the warm-up steps",
+    )
     run = parser.add_argument_group("measurement")
-    run.add_argument("--methods", default=None, help=f"comma-separated subset of {','.join(METHODS)} (default: all available)")
+    run.add_argument(
+        "--methods", default=None, help=f"comma-separated subset of {','.join(METHODS)} (default: all available)"
+    )
     run.add_argument("--steps", type=int, default=10, help="measured steps per process")
     run.add_argument("--warmup-steps", type=int, default=3, help="steps run first and not measured")
     run.add_argument("--rounds", type=int, default=3, help="fresh processes per method, interleaved")
@@ -120,8 +149,18 @@ def resolve_methods(spec: str | None) -> list[str]:
 
 
 def validate(args: argparse.Namespace) -> None:
-    positive = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "vocab_size", "rank", "batch_size",
-                "seq_len", "steps", "rounds")
+    positive = (
+        "hidden_size",
+        "intermediate_size",
+        "num_layers",
+        "num_heads",
+        "vocab_size",
+        "rank",
+        "batch_size",
+        "seq_len",
+        "steps",
+        "rounds",
+    )
     for name in positive:
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
@@ -220,7 +259,9 @@ def summarise(runs: dict[str, list[dict]]) -> dict[str, dict]:
             row["median_paired_step_time_ratio"] = statistics.median(row["paired_step_time_ratios"])
             for key in OP_COUNTS:
                 if key in row:
-                    row[f"extra_{key.removesuffix('_per_step')}_per_adapted_layer"] = (row[key] - base[key]) / row["adapted_layers"]
+                    row[f"extra_{key.removesuffix('_per_step')}_per_adapted_layer"] = (row[key] - base[key]) / row[
+                        "adapted_layers"
+                    ]
     return summary
 
 

@@ -21,13 +21,14 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel, get_peft_model
-from torch.profiler import DeviceType, ProfilerActivity, profile, record_function
 from peft.tuners.lora import LoraLayer
+from torch.profiler import DeviceType, ProfilerActivity, profile, record_function
 from transformers import BitsAndBytesConfig, LlamaForCausalLM
 
 from monte_ds import MonteCLoRAConfig, get_monteclora_model, monteclora_layers, monteclora_losses
 from monte_ds.atomic import atomic_write_json
 from monte_ds.monteclora.model import lora_config
+
 
 LORA = "lora"
 MONTE_DS = "monte-ds"
@@ -93,10 +94,14 @@ def load_base(settings: RunSettings) -> LlamaForCausalLM:
 
 def monte_ds_config(settings: RunSettings) -> MonteCLoRAConfig:
     """monte-ds defaults on LLaMA's 7 projections; (a) and (c) use the same LoRA underneath."""
-    return MonteCLoRAConfig(r=settings.rank, lora_alpha=settings.lora_alpha, sampler=settings.sampler, seed=settings.seed)
+    return MonteCLoRAConfig(
+        r=settings.rank, lora_alpha=settings.lora_alpha, sampler=settings.sampler, seed=settings.seed
+    )
 
 
-def adapt(model: LlamaForCausalLM, method: str, settings: RunSettings) -> tuple[PeftModel, Callable[[], torch.Tensor | float]]:
+def adapt(
+    model: LlamaForCausalLM, method: str, settings: RunSettings
+) -> tuple[PeftModel, Callable[[], torch.Tensor | float]]:
     """Wrap the base for `method`; returns the model and the regulariser its trainer adds to the loss."""
     torch.manual_seed(settings.seed)  # same A init for (a) and (c); monte-ds draws its own from (seed, layer)
     config = monte_ds_config(settings)
@@ -118,7 +123,9 @@ def sampled_layer_count(model: PeftModel) -> int:
     """Adapted layers whose A is actually sampled (peft 0.21's MonteCLoRA samples none on a
     bitsandbytes base: it then runs as plain LoRA, and the table must say so)."""
     monte_ds_layers = sum(1 for _ in monteclora_layers(model))
-    peft_layers = sum(1 for m in model.modules() if isinstance(m, LoraLayer) and getattr(m, "lora_monteclora_sampler", None))
+    peft_layers = sum(
+        1 for m in model.modules() if isinstance(m, LoraLayer) and getattr(m, "lora_monteclora_sampler", None)
+    )
     return monte_ds_layers + peft_layers
 
 
@@ -178,7 +185,10 @@ def make_optimizer(params: list[torch.nn.Parameter], name: str) -> torch.optim.O
 
 
 def training_step(
-    model: PeftModel, regulariser: Callable[[], torch.Tensor | float], optimizer: torch.optim.Optimizer, settings: RunSettings
+    model: PeftModel,
+    regulariser: Callable[[], torch.Tensor | float],
+    optimizer: torch.optim.Optimizer,
+    settings: RunSettings,
 ) -> Callable[[int], None]:
     """One training step (forward, regulariser, backward, AdamW step) on batch number `step`."""
     device = torch.device(settings.device)

@@ -10,7 +10,6 @@ Runs on CPU in about a minute (the buffer-memory row allocates peft's real 4096 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import tempfile
@@ -19,8 +18,9 @@ import torch
 from torch.distributions import Dirichlet, kl_divergence
 from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
-from monte_ds import MonteCLoRAConfig, get_monteclora_model, monteclora_layers, monteclora_losses
+from monte_ds import MonteCLoRAConfig, get_monteclora_model, monteclora_losses
 from monte_ds.monteclora.math import dirichlet_rsample, draw_bartlett, kl_dirichlet, seeded_generator
+
 
 try:
     from peft import LoraConfig, get_peft_model
@@ -42,7 +42,7 @@ def dirichlet_kl_rows() -> list[dict]:
     big = torch.full((4,), 1e4)
     return [
         {
-            "check": "Dirichlet KL(Dir(0.3,2,5,0.7) ‖ Dir(1)); torch.distributions gives %.4f" % truth,
+            "check": f"Dirichlet KL(Dir(0.3,2,5,0.7) ‖ Dir(1)); torch.distributions gives {truth:.4f}",
             "peft": round(peft_sampler().dirichlet_kl(ALPHA).item(), 4),
             "monte-ds": round(kl_dirichlet(ALPHA, 1.0).item(), 4),
         },
@@ -89,7 +89,9 @@ def buffer_rows(n_in: int = 4096, r: int = 16) -> list[dict]:
     sampler = MontecloraSampler(
         n_in, r, defaults.num_samples, buffer_size=defaults.buffer_size, device="cpu", dtype=torch.float32
     )
-    storages = {id(t.untyped_storage()): t.untyped_storage().nbytes() for s in sampler.sampler.buffer for t in s.values()}
+    storages = {
+        id(t.untyped_storage()): t.untyped_storage().nbytes() for s in sampler.sampler.buffer for t in s.values()
+    }
     peft_mb = sum(storages.values()) / 2**20
     # monte-ds pre-draws one forward ahead, in asynchronous mode only: one layer's share of that draw.
     ahead = draw_bartlett(1, r, n_in, float(r), seeded_generator(CPU, 0), CPU)
@@ -104,7 +106,7 @@ def buffer_rows(n_in: int = 4096, r: int = 16) -> list[dict]:
 
 
 def tiny_base(tmp: str, quantization: BitsAndBytesConfig | None = None) -> LlamaForCausalLM:
-    kwargs = {} if quantization is None else dict(quantization_config=quantization, device_map="cpu")
+    kwargs = {} if quantization is None else {"quantization_config": quantization, "device_map": "cpu"}
     return LlamaForCausalLM.from_pretrained(tmp, **kwargs)
 
 
@@ -117,13 +119,19 @@ def randomise_b(model) -> None:
 
 
 def peft_model(base):
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                        monteclora_config=MontecloraConfig(num_samples=4, sample_scaler=0.5, buffer_size=4))
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj"],
+        monteclora_config=MontecloraConfig(num_samples=4, sample_scaler=0.5, buffer_size=4),
+    )
     return get_peft_model(base, config)
 
 
 def ours_model(base):
-    return get_monteclora_model(base, MonteCLoRAConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], sample_scaler=0.5))
+    return get_monteclora_model(
+        base, MonteCLoRAConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], sample_scaler=0.5)
+    )
 
 
 def quantized_rows(tmp: str, ids: torch.Tensor) -> list[dict]:
@@ -147,7 +155,9 @@ def checkpoint_grads(build, tmp: str, ids: torch.Tensor, checkpointing: bool) ->
         model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     out = model(input_ids=ids, labels=ids)
-    loss = out.loss + (monteclora_losses(model)["total"] if build is ours_model else model.base_model._get_monteclora_loss())
+    loss = out.loss + (
+        monteclora_losses(model)["total"] if build is ours_model else model.base_model._get_monteclora_loss()
+    )
     loss.backward()
     return torch.cat([p.grad.flatten() for n, p in model.named_parameters() if "lora_A" in n and n.endswith("weight")])
 
@@ -174,6 +184,7 @@ def host_sync_rows(tmp: str, ids: torch.Tensor) -> list[dict]:
             def wrapper(self, *args, **kwargs):
                 count[0] += count[1]
                 return original(self, *args, **kwargs)
+
             return wrapper
 
         for layer in layers:
@@ -198,8 +209,16 @@ def main() -> None:
     rows = dirichlet_kl_rows() + mixture_rows() + covariance_rows() + buffer_rows()
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
-        LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                     num_attention_heads=4, num_key_value_heads=2)).save_pretrained(tmp)
+        LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=128,
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+            )
+        ).save_pretrained(tmp)
         ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
         rows += quantized_rows(tmp, ids) + recompute_rows(tmp, ids) + host_sync_rows(tmp, ids)
     print("| check | peft | monte-ds |\n|---|---|---|")

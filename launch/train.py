@@ -13,5 +13,6 @@ import sys
 from monte_ds.errors import run_cli
 from monte_ds.train.run import main
 
+
 if __name__ == "__main__":
     sys.exit(run_cli(main))

@@ -7,12 +7,13 @@ inference it is a plain LoRA adapter (the mean).
 
 import logging
 
+
 # bitsandbytes' CPU backend warns at import, on CPUs with AVX512-BF16, that the optional `kernels`
 # package (a faster 4-bit GEMM) is missing; its fallback kernel is what runs, nothing needs doing,
 # and the line would come before every monte-ds message (bad input must be one line).
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
-from monte_ds.config import MonteCLoRAConfig  # noqa: E402
+from monte_ds.config import MonteCLoRAConfig
 from monte_ds.monteclora import (
     export_lora_adapter,
     get_monteclora_model,
@@ -25,6 +26,7 @@ from monte_ds.monteclora import (
     save_adapter,
 )
 from monte_ds.monteclora.model import monteclora_engines
+
 
 __all__ = [
     "MonteCLoRAConfig",

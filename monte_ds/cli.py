@@ -7,9 +7,13 @@ from collections.abc import Sequence
 
 from monte_ds.errors import run_cli
 
+
 COMMANDS = {
     "train": ("monte_ds.train.run", "fine-tune with MonteCLoRA (or a plain LoRA baseline) from a JSON config"),
-    "eval": ("monte_ds.evaluation.cli", "run GSM8k / HumanEval / commonsense suites through lm-eval and write a report"),
+    "eval": (
+        "monte_ds.evaluation.cli",
+        "run GSM8k / HumanEval / commonsense suites through lm-eval and write a report",
+    ),
     "sweep": ("monte_ds.sweep.cli", "run a hyperparameter grid and measure robustness (spread across configurations)"),
 }
 

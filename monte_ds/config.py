@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from monte_ds.errors import InputError
 
+
 # LLaMA's attention and MLP projections: what the paper adapts.
 LLAMA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # peft's task types (peft.TaskType values); None wraps any nn.Module in a plain PeftModel.
@@ -94,8 +95,7 @@ class MonteCLoRAConfig:
             "a mapping of module names to ranks >= 1",
         )
         require(
-            isinstance(self.alpha_pattern, dict)
-            and all(is_number(a) and a > 0 for a in self.alpha_pattern.values()),
+            isinstance(self.alpha_pattern, dict) and all(is_number(a) and a > 0 for a in self.alpha_pattern.values()),
             "alpha_pattern",
             "a mapping of module names to alphas > 0",
         )
@@ -111,18 +111,27 @@ class MonteCLoRAConfig:
         for name in ("exclude_modules", "layers_pattern"):
             value = getattr(self, name)
             require(
-                value is None or isinstance(value, str) or (isinstance(value, list) and all(isinstance(m, str) for m in value)),
+                value is None
+                or isinstance(value, str)
+                or (isinstance(value, list) and all(isinstance(m, str) for m in value)),
                 name,
                 "a name, a list of names, or null",
             )
         require(
             self.layers_to_transform is None
             or (is_int(self.layers_to_transform) and self.layers_to_transform >= 0)
-            or (isinstance(self.layers_to_transform, list) and all(is_int(i) and i >= 0 for i in self.layers_to_transform)),
+            or (
+                isinstance(self.layers_to_transform, list)
+                and all(is_int(i) and i >= 0 for i in self.layers_to_transform)
+            ),
             "layers_to_transform",
             "a layer index >= 0, a list of them, or null",
         )
-        require(self.task_type is None or self.task_type in TASK_TYPES, "task_type", f"one of {', '.join(TASK_TYPES)} or null")
+        require(
+            self.task_type is None or self.task_type in TASK_TYPES,
+            "task_type",
+            f"one of {', '.join(TASK_TYPES)} or null",
+        )
         require(self.bias in ("none", "all", "lora_only"), "bias", "'none', 'all' or 'lora_only'")
         for name in ("fan_in_fan_out", "lora_bias", "use_dora"):
             require(isinstance(getattr(self, name), bool), name, "a bool")
@@ -134,7 +143,11 @@ class MonteCLoRAConfig:
             f"true, false, pissa_niter_<n> or one of {', '.join(INIT_LORA_WEIGHTS)}",
         )
         require(isinstance(self.loftq_config, dict), "loftq_config", "a mapping (peft's LoftQConfig fields)")
-        require(self.eva_config is None or isinstance(self.eva_config, dict), "eva_config", "null or a mapping (peft's EvaConfig fields)")
+        require(
+            self.eva_config is None or isinstance(self.eva_config, dict),
+            "eva_config",
+            "null or a mapping (peft's EvaConfig fields)",
+        )
         require(
             self.init_lora_weights != "eva" or (self.eva_config or {}).get("rho") == 1,
             "eva_config",

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
+
 EXIT_USER_ERROR = 2
 _Error = TypeVar("_Error", bound="KeyedError")
 
@@ -41,6 +42,13 @@ class InputError(KeyedError, ValueError):
 
 class UserError(KeyedError):
     """Bad input to a command (config, flags, data files)."""
+
+
+def first_line(err: BaseException) -> str:
+    """The first non-blank line of an error's message (a library's multi-line message), or the
+    error's type where the message is empty, to go inside a one-line problem."""
+    lines = str(err).strip().splitlines()
+    return lines[0].strip() if lines else type(err).__name__
 
 
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:

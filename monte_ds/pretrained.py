@@ -30,6 +30,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from monte_ds.atomic import atomic_directory
 from monte_ds.errors import UserError
 
+
 logger = logging.getLogger(__name__)
 
 PROVENANCE = "monte_ds_prepared.json"  # written last: a folder holding it is a verified conversion
@@ -117,10 +118,14 @@ def verify_conversion(directory: Path, input_ids: list[int], expected: torch.Ten
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=expected.dtype).eval()
     ids, logits = prompt_logits(model, tokenizer)
     if ids != input_ids:
-        raise RuntimeError(f"conversion check failed: the saved tokenizer encodes the check prompt as {ids}, the GGUF's as {input_ids}")
+        raise RuntimeError(
+            f"conversion check failed: the saved tokenizer encodes the check prompt as {ids}, the GGUF's as {input_ids}"
+        )
     difference = (logits - expected).abs().max().item()
     if not torch.equal(logits, expected):
-        raise RuntimeError(f"conversion check failed: the saved model's logits differ from the GGUF's by up to {difference:.3g}")
+        raise RuntimeError(
+            f"conversion check failed: the saved model's logits differ from the GGUF's by up to {difference:.3g}"
+        )
     return difference
 
 
@@ -132,7 +137,9 @@ def prepare_model(name: str, path: str | Path) -> Path:
     if is_prepared(path):
         return path
     if path.exists():
-        raise UserError(f"{path} exists and is not a model monte-ds prepared; remove it or choose another path", key="model.path")
+        raise UserError(
+            f"{path} exists and is not a model monte-ds prepared; remove it or choose another path", key="model.path"
+        )
     gguf = packaged_gguf(name)
     for stale in path.parent.glob(f".{path.name}.*.tmp"):
         logger.warning("removing %s, left by an interrupted conversion", stale)
@@ -149,9 +156,17 @@ def prepare_model(name: str, path: str | Path) -> Path:
         difference = verify_conversion(tmp, input_ids, expected)
         provenance = {
             "prepared": name,
-            "source": {"distribution": PACKAGED[name].distribution, "version": _version(PACKAGED[name].distribution),
-                       "file": PACKAGED[name].file, "sha256": _sha256(gguf)},
-            "verification": {"messages": VERIFY_MESSAGES, "tokens": len(input_ids), "max_abs_logit_difference": difference},
+            "source": {
+                "distribution": PACKAGED[name].distribution,
+                "version": _version(PACKAGED[name].distribution),
+                "file": PACKAGED[name].file,
+                "sha256": _sha256(gguf),
+            },
+            "verification": {
+                "messages": VERIFY_MESSAGES,
+                "tokens": len(input_ids),
+                "max_abs_logit_difference": difference,
+            },
         }
         (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n")
     logger.info("prepared %s at %s (verified: logits equal the GGUF's)", name, path)

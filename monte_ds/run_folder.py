@@ -21,6 +21,7 @@ from typing import Any, Literal
 from monte_ds.errors import EXIT_USER_ERROR  # noqa: F401  (the exit codes of `monte-ds train`, all here)
 from monte_ds.monteclora.io import SAMPLER_JSON
 
+
 CONFIG_JSON = "config.json"
 METRICS_JSON = "metrics.json"
 ADAPTER_DIR = "adapter"

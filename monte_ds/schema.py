@@ -21,6 +21,7 @@ import jsonschema
 
 from monte_ds.errors import UserError
 
+
 MAX_LISTED_CHOICES = 8
 # "did you mean" only for a likely misspelling: difflib's default (0.6) offers 'kl_weight' for
 # 'init_lora_weight' and 'use_rslora' for 'use_dora'.

@@ -25,8 +25,8 @@ import json
 import logging
 import os
 import re
-import signal
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -41,6 +41,7 @@ from packaging.requirements import Requirement
 from packaging.tags import sys_tags
 from packaging.utils import canonicalize_name, parse_wheel_filename
 from packaging.version import Version
+
 
 ROOT = Path(__file__).resolve().parents[1]
 NODE_PACKAGES = ROOT / "benchmarks" / "gpu_node_packages.txt"
@@ -286,8 +287,10 @@ def resolve(wheels: Sequence[Wheel], node: dict[str, NodePackage], needed: Itera
                 continue
             if not requirement.specifier.contains(kit[name].version, prereleases=True):
                 out.problems.append(f"{text}: the kit carries {kit[name].version}")
-            if on_node is not None and on_node.version is not None and not requirement.specifier.contains(
-                on_node.version, prereleases=True
+            if (
+                on_node is not None
+                and on_node.version is not None
+                and not requirement.specifier.contains(on_node.version, prereleases=True)
             ):
                 out.forced.setdefault(name, f"{text}; the node has {on_node.version}")
             if name not in reached:
@@ -393,7 +396,9 @@ def build(out: Path) -> Path:
         "built_from": git_state(),
         "python": PYTHON_TAG,
         "platforms": list(PLATFORMS),
-        "wheels": {w.name: {"version": str(w.version), "file": w.path.name, "bytes": w.path.stat().st_size} for w in wheels},
+        "wheels": {
+            w.name: {"version": str(w.version), "file": w.path.name, "bytes": w.path.stat().st_size} for w in wheels
+        },
         "forced": resolution.forced,
         "check_on_node": resolution.check_on_node,
         "sources": [str(p) for p in sources],
@@ -404,7 +409,9 @@ def build(out: Path) -> Path:
     (out / "run.sh").chmod(0o755)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     if size > MAX_KIT_BYTES:
-        raise KitError(f"{size / 1024**2:.1f} MiB, over the {MAX_KIT_BYTES / 1024**2:.0f} MiB a device run carries", key=str(out))
+        raise KitError(
+            f"{size / 1024**2:.1f} MiB, over the {MAX_KIT_BYTES / 1024**2:.0f} MiB a device run carries", key=str(out)
+        )
     log.info("%s: %d wheels, %d source files, %.1f MiB; on the node: %s/run.sh OUT_DIR",
              out, len(wheels), len(sources), size / 1024**2, out)  # fmt: skip
     return out
@@ -449,11 +456,17 @@ def broken_roots(target: Path, roots: dict[str, list[str]]) -> dict[str, str]:
              "print(json.dumps(failed))\n")  # fmt: skip
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(target), os.environ.get("PYTHONPATH", "")])}
     process = subprocess.run([sys.executable, "-c", probe, json.dumps(roots)], capture_output=True, text=True, env=env)
-    return json.loads(process.stdout.strip().splitlines()[-1]) if process.returncode == 0 else {"(probe)": process.stderr[-500:]}
+    return (
+        json.loads(process.stdout.strip().splitlines()[-1])
+        if process.returncode == 0
+        else {"(probe)": process.stderr[-500:]}
+    )
 
 
 def remove_distribution(target: Path, name: str) -> None:
-    dist = next(d for d in importlib.metadata.distributions(path=[str(target)]) if canonicalize_name(d.metadata["Name"]) == name)
+    dist = next(
+        d for d in importlib.metadata.distributions(path=[str(target)]) if canonicalize_name(d.metadata["Name"]) == name
+    )
     for top in {Path(file).parts[0] for file in dist.files or []} - {".."}:  # its packages, dist-info, scripts
         path = target / top
         shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
@@ -477,8 +490,11 @@ def run(kit: Path, out: Path, budget_s: float, smoke: bool) -> int:
     try:
         pip("install", "--no-index", "--no-deps", "--quiet", "--target", str(target), *(str(w.path) for w in wheels))
         for name, error in broken_roots(target, manifest["roots"]).items():
-            print(f"WARNING: {name} from the kit does not import ({error}); removed, so that nothing imports it "
-                  "half-working (accelerate imports an installed deepspeed on every save_pretrained)", flush=True)
+            print(
+                f"WARNING: {name} from the kit does not import ({error}); removed, so that nothing imports it "
+                "half-working (accelerate imports an installed deepspeed on every save_pretrained)",
+                flush=True,
+            )
             remove_distribution(target, name)
         installed = installed_versions([str(target), *sys.path])
         kit_names = {w.name for w in wheels}
@@ -486,7 +502,9 @@ def run(kit: Path, out: Path, budget_s: float, smoke: bool) -> int:
             version, where = installed.get(name, (None, ""))
             source = "kit" if where.startswith(str(target)) else "node"
             print(f"  {name:<18} {str(version or 'NOT INSTALLED'):<16} ({source if version else '-'})", flush=True)
-        unmet = unmet_on_node(wheels, {name: version for name, (version, _) in installed.items() if name not in kit_names})
+        unmet = unmet_on_node(
+            wheels, {name: version for name, (version, _) in installed.items() if name not in kit_names}
+        )
         for line in unmet:
             print(f"WARNING: {line}", flush=True)
         out.mkdir(parents=True, exist_ok=True)
@@ -498,7 +516,9 @@ def run(kit: Path, out: Path, budget_s: float, smoke: bool) -> int:
         }, indent=2) + "\n")  # fmt: skip
         left = budget_s - spent - SUITE_START_RESERVE_S
         if left <= 0:
-            raise KitError(f"{budget_s:g} s leaves nothing for the suite after {spent:.0f} s of installs", key="--budget-s")
+            raise KitError(
+                f"{budget_s:g} s leaves nothing for the suite after {spent:.0f} s of installs", key="--budget-s"
+            )
         print(f"installed in {spent:.0f} s; the suite gets {left:.0f} s", flush=True)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(target), str(kit / "src"), os.environ.get("PYTHONPATH", "")]),
                "HF_HUB_OFFLINE": "1"}  # fmt: skip

@@ -18,6 +18,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+
 OUTPUT = Path(__file__).resolve().parents[1] / "monte_ds" / "data" / "tiny_instruct.jsonl"
 
 WORDS = (
@@ -26,9 +27,22 @@ WORDS = (
     "tiger lemon ocean castle dragon flower market school letter wheel"
 ).split()
 ANTONYMS = {
-    "hot": "cold", "big": "small", "fast": "slow", "up": "down", "light": "dark", "early": "late",
-    "happy": "sad", "open": "closed", "full": "empty", "high": "low", "old": "new", "wet": "dry",
-    "hard": "soft", "long": "short", "loud": "quiet", "strong": "weak",
+    "hot": "cold",
+    "big": "small",
+    "fast": "slow",
+    "up": "down",
+    "light": "dark",
+    "early": "late",
+    "happy": "sad",
+    "open": "closed",
+    "full": "empty",
+    "high": "low",
+    "old": "new",
+    "wet": "dry",
+    "hard": "soft",
+    "long": "short",
+    "loud": "quiet",
+    "strong": "weak",
 }
 Record = dict[str, str]
 
@@ -69,7 +83,13 @@ def antonym(rng: random.Random) -> Record:
 
 
 TASKS: tuple[Callable[[random.Random], Record], ...] = (
-    addition, successor, reverse, capitals, word_count, first_letter, antonym,
+    addition,
+    successor,
+    reverse,
+    capitals,
+    word_count,
+    first_letter,
+    antonym,
 )
 
 

@@ -15,6 +15,7 @@ from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
 from monte_ds.tiny import tiny_llama_config
 
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -23,7 +24,9 @@ VOCAB = 128
 
 def tiny_config(**overrides) -> LlamaConfig:
     """monte_ds.tiny's LLaMA, smaller still (hidden 32) unless overridden."""
-    return tiny_llama_config(VOCAB, **{"hidden_size": 32, "intermediate_size": 64, "max_position_embeddings": 64, **overrides})
+    return tiny_llama_config(
+        VOCAB, **{"hidden_size": 32, "intermediate_size": 64, "max_position_embeddings": 64, **overrides}
+    )
 
 
 @pytest.fixture(scope="session")
@@ -36,9 +39,9 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 
 QUANTIZATIONS = {
-    "nf4": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32),
-    "fp4": dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_compute_dtype=torch.float32),
-    "int8": dict(load_in_8bit=True),
+    "nf4": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": torch.float32},
+    "fp4": {"load_in_4bit": True, "bnb_4bit_quant_type": "fp4", "bnb_4bit_compute_dtype": torch.float32},
+    "int8": {"load_in_8bit": True},
 }
 
 
@@ -49,7 +52,7 @@ def load_base(tiny_checkpoint) -> Callable[..., LlamaForCausalLM]:
     def load(quantization: str | None = None) -> LlamaForCausalLM:
         kwargs = {}
         if quantization is not None:
-            kwargs = dict(quantization_config=BitsAndBytesConfig(**QUANTIZATIONS[quantization]), device_map="cpu")
+            kwargs = {"quantization_config": BitsAndBytesConfig(**QUANTIZATIONS[quantization]), "device_map": "cpu"}
         return LlamaForCausalLM.from_pretrained(tiny_checkpoint, **kwargs)
 
     return load

@@ -29,6 +29,7 @@ from monte_ds.monteclora import monteclora_losses
 from monte_ds.monteclora.io import _full_cpu_state, _unwrap
 from monte_ds.train import checkpoints, run
 
+
 FIXED_INPUT = torch.arange(3, 19).reshape(2, 8)
 
 

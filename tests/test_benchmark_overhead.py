@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 TINY = [
     "--hidden-size", "32", "--intermediate-size", "64", "--num-layers", "1", "--num-heads", "4",

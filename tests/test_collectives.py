@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -25,4 +26,6 @@ def test_fsdp2_adds_one_all_gather_and_one_reduce_scatter_per_step(tmp_path):
     assert counts["extra_per_step"] == 2
     extra = {name: n - counts["per_step"]["lora"].get(name, 0) for name, n in counts["per_step"]["monte-ds"].items()}
     assert sorted(n for n in extra.values() if n) == [1, 1]
-    assert any("allgather" in name for name, n in extra.items() if n) and any("reduce_scatter" in name for name, n in extra.items() if n)
+    assert any("allgather" in name for name, n in extra.items() if n) and any(
+        "reduce_scatter" in name for name, n in extra.items() if n
+    )

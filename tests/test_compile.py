@@ -11,6 +11,7 @@ from monte_ds import MonteCLoRAConfig, get_monteclora_model, monteclora_losses
 from monte_ds.monteclora.model import monteclora_engine
 from tests.conftest import tiny_config
 
+
 IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
 
 

@@ -9,11 +9,14 @@ from transformers import BitsAndBytesConfig, LlamaForCausalLM
 
 from monte_ds import MonteCLoRAConfig, get_monteclora_model, monteclora_layers, monteclora_losses
 
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def test_nf4_base_on_cuda_gets_the_noise_and_evaluates_as_its_mean(tiny_checkpoint, input_ids):
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+    )
     base = LlamaForCausalLM.from_pretrained(tiny_checkpoint, quantization_config=quantization, device_map={"": 0})
     model = get_monteclora_model(base, MonteCLoRAConfig(r=4, sample_scaler=0.5, init_lora_weights=False))
     assert sum(1 for _ in monteclora_layers(model)) == 14

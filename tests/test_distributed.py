@@ -31,13 +31,14 @@ from tests.distributed_worker import FIXED_INPUT
 from tests.test_real_model import prepared  # noqa: F401 (a fixture)
 from tests.test_train_run import step_logs, tiny_base, write_config  # noqa: F401 (tiny_base: a fixture)
 
+
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).resolve().parent / "distributed_worker.py"
 
 # accelerate enables FSDP only on accelerators; this lets its FSDP2 path run on CPU/gloo processes.
-CPU_FSDP_SHIM = '''
+CPU_FSDP_SHIM = """
 import accelerate.state as state
 from accelerate.utils import DistributedType
 
@@ -53,7 +54,7 @@ def _init_allowing_cpu_fsdp(self, *args, fsdp_plugin=None, **kwargs):
 
 
 state.AcceleratorState.__init__ = _init_allowing_cpu_fsdp
-'''
+"""
 
 LAUNCHERS = {
     "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"],
@@ -122,8 +123,13 @@ def jobs(tmp_path_factory, tiny_base):
         job.record.mkdir(exist_ok=True)
         if resume_from is not None:
             shutil.copytree(resume_from, job.out / resume_from.name)
-        environment = {**os.environ, "RECORD_DIR": str(job.record), "MONTE_DS_TEST_OUTPUT_DIR": str(job.out),
-                       "OMP_NUM_THREADS": "1", **(env or {})}
+        environment = {
+            **os.environ,
+            "RECORD_DIR": str(job.record),
+            "MONTE_DS_TEST_OUTPUT_DIR": str(job.out),
+            "OMP_NUM_THREADS": "1",
+            **(env or {}),
+        }
         if any(override.startswith("distributed.fsdp") for override in overrides):
             environment["PYTHONPATH"] = os.pathsep.join([str(root / "shim"), environment.get("PYTHONPATH", "")])
         command = [*LAUNCHERS[launcher], str(next(ports)), str(WORKER), "--config", str(config)]
@@ -146,8 +152,9 @@ def jobs(tmp_path_factory, tiny_base):
 
 def _run_until_killed(command: list[str], environment: dict[str, str], checkpoint: Path) -> None:
     """Preemption: SIGKILL the launcher and every rank (one process group) mid-run."""
-    process = subprocess.Popen(command, cwd=REPO, env=environment, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True)
+    process = subprocess.Popen(
+        command, cwd=REPO, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.monotonic() + 900
     try:
         while not checkpoints.is_complete(checkpoint):
@@ -226,8 +233,11 @@ def test_zero3_resume_after_sigkill_reproduces_the_uninterrupted_run(jobs):
     assert not (resumed.out / "checkpoint-2" / "missing").exists()
     assert_same_steps(resumed.out, full.out, [3, 4])
     assert_same_tensors(resumed.ranks()[0]["adapter"], full.ranks()[0]["adapter"], atol=0)
-    assert_same_tensors(load_file(resumed.out / "adapter" / "adapter_model.safetensors"),
-                        load_file(full.out / "adapter" / "adapter_model.safetensors"), atol=0)
+    assert_same_tensors(
+        load_file(resumed.out / "adapter" / "adapter_model.safetensors"),
+        load_file(full.out / "adapter" / "adapter_model.safetensors"),
+        atol=0,
+    )
 
 
 def test_zero3_resume_reproduces_the_uninterrupted_run(jobs):
@@ -248,7 +258,9 @@ def test_zero3_resume_after_eval_forwards_with_mixed_ranks_and_no_accumulation(j
     assert_same_steps(resumed.out, full.out, [3, 4])
     adapter = resumed.ranks()[0]["adapter"]
     assert_same_tensors(adapter, full.ranks()[0]["adapter"], atol=0)
-    assert {tuple(t.shape) for key, t in adapter.items() if "v_proj.lora_A" in key and key.endswith("weight")} == {(2, 64)}
+    assert {tuple(t.shape) for key, t in adapter.items() if "v_proj.lora_A" in key and key.endswith("weight")} == {
+        (2, 64)
+    }
 
 
 # -- 4-bit bases sharded ---------------------------------------------------------------------------
@@ -266,7 +278,11 @@ def test_qlora_shards_a_4bit_base(jobs, setup):
 
 
 # -- every method under every sharding ----------------------------------------------------------------
-REFUSED = {"zero2": {"adalora"}, "zero3": {"adalora", "loha"}, "fsdp2": {"adalora", "prompt_tuning"}}  # test_methods: one line each
+REFUSED = {
+    "zero2": {"adalora"},
+    "zero3": {"adalora", "loha"},
+    "fsdp2": {"adalora", "prompt_tuning"},
+}  # test_methods: one line each
 
 
 @pytest.mark.parametrize("setup", ["zero2", "zero3", "fsdp2"])
@@ -277,7 +293,11 @@ def test_every_method_trains_saves_a_complete_adapter_and_reloads_under_sharding
     methods = [method for method in METHODS if method not in REFUSED[setup]]
     launcher, override = SETUPS[setup]
     job = jobs(
-        f"{setup}-methods", launcher, override, "adapter={}", "training.max_steps=2",
+        f"{setup}-methods",
+        launcher,
+        override,
+        "adapter={}",
+        "training.max_steps=2",
         env={"MONTE_DS_TEST_METHODS": ",".join(methods)},
     )
     for method in methods:
@@ -298,9 +318,13 @@ def test_zero3_checkpointed_run_on_the_real_model_resumes_exactly_after_sigkill(
     """`configs/llama7b.json`'s setup (ZeRO-3, activation checkpointing) on
     SmolLM2-135M-Instruct (GQA, tied embeddings, its chat template), killed and resumed."""
     overrides = (
-        *SETUPS["zero3"], *CHECKPOINTING, f"model.path={prepared}", "data.path=bundled:tiny_chat.jsonl",
+        *SETUPS["zero3"],
+        *CHECKPOINTING,
+        f"model.path={prepared}",
+        "data.path=bundled:tiny_chat.jsonl",
         'adapter={"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}',
-        "training.max_length=48", "training.per_device_train_batch_size=1",
+        "training.max_length=48",
+        "training.per_device_train_batch_size=1",
     )
     full = jobs("real-zero3", *overrides)
     jobs("real-zero3-killed", *overrides, kill_at=2)

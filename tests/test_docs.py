@@ -42,6 +42,7 @@ from monte_ds.train import run as train_run
 from monte_ds.train.config import config_schema, load_config, read_config
 from monte_ds.train.methods import ACCEPTED, METHODS
 
+
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.DOTALL | re.MULTILINE)
@@ -108,7 +109,7 @@ def resolve(argv: list[str]) -> tuple[list[str], str, list[str]]:
         return resolve(argv[3:] if argv[1] == "-n" else argv[1:])
     if argv[0] in LAUNCHERS:
         script = next(index for index, word in enumerate(argv) if word.endswith(".py"))
-        return argv[:script], argv[script], argv[script + 1:]
+        return argv[:script], argv[script], argv[script + 1 :]
     if argv[0] in ("python", "python3") or argv[0].endswith("/python"):
         if argv[1] == "-m" and argv[2] == "monte_ds.cli":
             return [], f"monte-ds {argv[3]}", argv[4:]
@@ -124,6 +125,7 @@ def resolve(argv: list[str]) -> tuple[list[str], str, list[str]]:
 
 def substitute(word: str) -> str:
     """`$(python -c '...')` inside a word: the snippet runs here and its output takes its place."""
+
     def run_snippet(match: re.Match) -> str:
         launcher, program, args = resolve(shlex.split(match.group(1)))
         assert program == "python -c" and not launcher, f"no way to run {match.group(0)} here"
@@ -287,7 +289,7 @@ def _table(text: str, header: str) -> Iterator[tuple[str, list[str]]]:
         if line.startswith("#"):
             heading = line
         if re.match(rf"\|\s*{header}\s*\|", line) and index + 1 < len(lines) and lines[index + 1].startswith("|--"):
-            for row in itertools.takewhile(lambda row: row.startswith("|"), lines[index + 2:]):
+            for row in itertools.takewhile(lambda row: row.startswith("|"), lines[index + 2 :]):
                 yield heading, [cell.strip() for cell in re.split(r"(?<!\\)\|", row.strip())[1:-1]]
 
 

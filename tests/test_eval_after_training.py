@@ -15,6 +15,7 @@ from monte_ds.evaluation import loading
 from monte_ds.evaluation.tasks import BUNDLED_SAMPLE, BUNDLED_SAMPLE_DIR
 from monte_ds.train.run import main as train_main
 
+
 FAILURE = "RuntimeError: CUDA error: an illegal memory access was encountered"
 
 
@@ -25,8 +26,14 @@ def write_config(directory: Path) -> Path:
         "adapter": {"r": 4, "lora_alpha": 8},
         "data": {"path": "bundled:tiny_instruct.jsonl", "max_samples": 16},
         "training": {
-            "output_dir": str(directory / "out"), "max_steps": 2, "per_device_train_batch_size": 4,
-            "max_length": 64, "bf16": False, "optim": "adamw_torch", "save_steps": 2, "report_to": [],
+            "output_dir": str(directory / "out"),
+            "max_steps": 2,
+            "per_device_train_batch_size": 4,
+            "max_length": 64,
+            "bf16": False,
+            "optim": "adamw_torch",
+            "save_steps": 2,
+            "report_to": [],
         },
         "eval": {"suites": ["arc_easy", "gsm8k"], "data_dir": BUNDLED_SAMPLE, "limit": 2, "max_gen_toks": 4},
     }
@@ -75,6 +82,9 @@ def test_a_failing_evaluation_keeps_the_run_completed_with_its_adapters(tmp_path
     assert report["metadata"]["config_hash"] and report["metadata"]["adapter_method"] == "monteclora"
 
     # Planned once, before training: every evaluation file was read exactly once.
-    expected = {str(BUNDLED_SAMPLE_DIR / "arc_easy/test.jsonl"), str(BUNDLED_SAMPLE_DIR / "gsm8k/test.jsonl"),
-                str(BUNDLED_SAMPLE_DIR / "gsm8k/train.jsonl")}
+    expected = {
+        str(BUNDLED_SAMPLE_DIR / "arc_easy/test.jsonl"),
+        str(BUNDLED_SAMPLE_DIR / "gsm8k/test.jsonl"),
+        str(BUNDLED_SAMPLE_DIR / "gsm8k/train.jsonl"),
+    }
     assert sorted(loads) == sorted(expected)

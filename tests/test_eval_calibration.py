@@ -17,6 +17,7 @@ from monte_ds.evaluation.calibration import (
 )
 from monte_ds.evaluation.tasks import BUNDLED_SAMPLE_DIR, load_tasks, task_configs, task_manager
 
+
 FIXTURES = BUNDLED_SAMPLE_DIR
 
 

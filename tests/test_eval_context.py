@@ -14,6 +14,7 @@ from monte_ds.evaluation import humaneval
 from monte_ds.evaluation.tasks import BUNDLED_SAMPLE, BUNDLED_SAMPLE_DIR
 from monte_ds.tiny import build_tiny_llama
 
+
 EVERY_SUITE = ["--suites", "gsm8k,humaneval,commonsense", "--allow-code-execution", "--humaneval-samples", "1"]
 
 
@@ -25,7 +26,18 @@ def tiny_model(directory: Path, context: int) -> Path:
 def test_every_suite_on_a_384_token_model_reports_the_limits_it_used(tmp_path, capfd):
     model = tiny_model(tmp_path / "model", context=384)
     out = tmp_path / "report"
-    args = ["eval", "--model", str(model), *EVERY_SUITE, "--data-dir", BUNDLED_SAMPLE, "--limit", "1", "--output", str(out)]
+    args = [
+        "eval",
+        "--model",
+        str(model),
+        *EVERY_SUITE,
+        "--data-dir",
+        BUNDLED_SAMPLE,
+        "--limit",
+        "1",
+        "--output",
+        str(out),
+    ]
     assert monte_ds_main(args) == 0
     assert "Traceback" not in capfd.readouterr().err
 
@@ -55,8 +67,20 @@ def test_a_task_that_cannot_run_on_the_model_is_one_line_before_anything_is_comp
     monkeypatch.setattr(HFLM, "generate_until", lambda self, *a, **k: computed.append("generate_until"))
     monkeypatch.setattr(humaneval, "check_correctness", lambda *a: computed.append("executed"))
     out = tmp_path / "report"
-    args = ["eval", "--model", str(model), "--suites", "commonsense,humaneval", "--allow-code-execution",
-            "--data-dir", BUNDLED_SAMPLE, "--limit", "2", "--output", str(out)]
+    args = [
+        "eval",
+        "--model",
+        str(model),
+        "--suites",
+        "commonsense,humaneval",
+        "--allow-code-execution",
+        "--data-dir",
+        BUNDLED_SAMPLE,
+        "--limit",
+        "2",
+        "--output",
+        str(out),
+    ]
     assert monte_ds_main(args) == 2
     err = capsys.readouterr().err  # after the model load's progress bar
     assert "Traceback" not in err and err.count("monte-ds: error:") == 1
@@ -73,10 +97,15 @@ def test_the_max_gen_toks_option_caps_every_generation_task(tmp_path, cap):
     from monte_ds.evaluation import plan_evaluation, run_plan
 
     model_path = tiny_model(tmp_path / "model", context=384)
-    plan = plan_evaluation({"suites": ["gsm8k"], "data_dir": BUNDLED_SAMPLE, "limit": 1, "num_fewshot": 0,
-                            "max_gen_toks": cap})
-    report = run_plan(plan, AutoModelForCausalLM.from_pretrained(model_path), AutoTokenizer.from_pretrained(model_path),
-                      tmp_path / "report")
+    plan = plan_evaluation(
+        {"suites": ["gsm8k"], "data_dir": BUNDLED_SAMPLE, "limit": 1, "num_fewshot": 0, "max_gen_toks": cap}
+    )
+    report = run_plan(
+        plan,
+        AutoModelForCausalLM.from_pretrained(model_path),
+        AutoTokenizer.from_pretrained(model_path),
+        tmp_path / "report",
+    )
     limit = report["generation"]["gsm8k"]
     assert limit["requested_max_gen_toks"] == cap
     # A cap that fits is used as given; one that does not is fitted like a task default.

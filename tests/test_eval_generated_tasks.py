@@ -13,6 +13,7 @@ from monte_ds.evaluation.calibration import gold_index
 from monte_ds.evaluation.generated import GSM8K_TASK, MC_TASK, TASKS, generate, prompt_completion, write_tasks
 from monte_ds.evaluation.tasks import load_tasks, task_configs, task_manager
 
+
 # The five templates, solved from the question text alone.
 SOLVERS = [
     (r"has (\d+) \w+\. \w+ buys (\d+) more \w+ and then gives (\d+) ", lambda a, b, c: a + b - c),
@@ -87,7 +88,8 @@ def test_lm_eval_loads_both_tasks_offline_and_formats_training_examples(tmp_path
     doc = gsm8k.eval_docs[0]
     assert re.search(strict, doc["answer"]).group(1) == str(solve(doc["question"]))  # strict-match finds the gold
     assert prompt_completion(gsm8k, doc) == {
-        "prompt": f"Question: {doc['question']}\nAnswer:", "completion": f" {doc['answer']}"
+        "prompt": f"Question: {doc['question']}\nAnswer:",
+        "completion": f" {doc['answer']}",
     }
     doc = mc.eval_docs[0]
     assert mc.doc_to_choice(doc) == ["A", "B", "C", "D"] and gold_index(mc, doc) == doc["label"]

@@ -8,6 +8,7 @@ import pytest
 
 from monte_ds.evaluation import humaneval
 
+
 TASK_ID = "HumanEval/0"
 WRONG = "    return False\n"
 

@@ -11,6 +11,7 @@ from monte_ds.cli import main as monte_ds_main
 from monte_ds.evaluation.tasks import BUNDLED_SAMPLE, BUNDLED_SAMPLE_DIR
 from monte_ds.tiny import build_tiny_llama
 
+
 OUT_OF_MEMORY = "CUDA out of memory. Tried to allocate 2.00 GiB"
 
 
@@ -25,8 +26,19 @@ def test_a_failing_suite_is_recorded_and_the_other_suites_are_kept(tmp_path, cap
         raise RuntimeError(OUT_OF_MEMORY)
 
     monkeypatch.setattr(HFLM, "generate_until", failing_generation)
-    args = ["eval", "--model", str(model), "--suites", "boolq,gsm8k,piqa", "--data-dir", BUNDLED_SAMPLE,
-            "--limit", "2", "--output", str(out)]
+    args = [
+        "eval",
+        "--model",
+        str(model),
+        "--suites",
+        "boolq,gsm8k,piqa",
+        "--data-dir",
+        BUNDLED_SAMPLE,
+        "--limit",
+        "2",
+        "--output",
+        str(out),
+    ]
     assert monte_ds_main(args) == 3
     err = capsys.readouterr().err  # after the model build's and load's progress bars
     assert "Traceback" not in err
@@ -37,13 +49,17 @@ def test_a_failing_suite_is_recorded_and_the_other_suites_are_kept(tmp_path, cap
     # boolq's results were on disk before gsm8k started generating.
     (snapshot,) = seen_while_generating
     assert {name: suite["status"] for name, suite in snapshot["suites"].items()} == {
-        "boolq": "completed", "gsm8k": "pending", "piqa": "pending"
+        "boolq": "completed",
+        "gsm8k": "pending",
+        "piqa": "pending",
     }
     assert snapshot["tasks"] == ["boolq"]
 
     report = json.loads((out / "report.json").read_text())
     assert {name: suite["status"] for name, suite in report["suites"].items()} == {
-        "boolq": "completed", "gsm8k": "failed", "piqa": "completed"
+        "boolq": "completed",
+        "gsm8k": "failed",
+        "piqa": "completed",
     }
     failed = report["suites"]["gsm8k"]
     assert failed["error"] == f"RuntimeError: {OUT_OF_MEMORY}"

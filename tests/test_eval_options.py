@@ -12,9 +12,18 @@ from monte_ds.errors import UserError
 from monte_ds.evaluation import EvalOptions
 from monte_ds.evaluation.cli import build_parser
 
+
 CONTRACT_KEYS = {
-    "suites", "data_dir", "limit", "num_fewshot", "batch_size", "apply_chat_template",
-    "allow_code_execution", "humaneval_samples", "max_gen_toks", "predictive_samples",
+    "suites",
+    "data_dir",
+    "limit",
+    "num_fewshot",
+    "batch_size",
+    "apply_chat_template",
+    "allow_code_execution",
+    "humaneval_samples",
+    "max_gen_toks",
+    "predictive_samples",
 }
 
 
@@ -30,9 +39,17 @@ def test_the_contract_keys_are_accepted_with_their_defaults():
 
 def test_schema_accepts_a_full_section_and_rejects_bad_values():
     section = {
-        "suites": ["gsm8k", "arc_easy"], "data_dir": "/data", "limit": 10, "num_fewshot": 0, "batch_size": 4,
-        "apply_chat_template": True, "allow_code_execution": True, "humaneval_samples": 8, "max_gen_toks": 256,
-        "predictive_samples": 4, "seed": 7,
+        "suites": ["gsm8k", "arc_easy"],
+        "data_dir": "/data",
+        "limit": 10,
+        "num_fewshot": 0,
+        "batch_size": 4,
+        "apply_chat_template": True,
+        "allow_code_execution": True,
+        "humaneval_samples": 8,
+        "max_gen_toks": 256,
+        "predictive_samples": 4,
+        "seed": 7,
     }
     validator = jsonschema.Draft202012Validator(EvalOptions.json_schema())
     assert list(validator.iter_errors(section)) == []
@@ -64,12 +81,29 @@ def test_cli_flags_are_derived_from_the_options():
     parser = build_parser()
     flags = {action.dest for action in parser._actions}
     assert {f.name for f in dataclasses.fields(EvalOptions)} <= flags
-    args = vars(parser.parse_args([
-        "--model", "m", "--output", "o", "--suites", "gsm8k, commonsense", "--limit", "5",
-        "--allow-code-execution", "--data-dir", "/d",
-    ]))
+    args = vars(
+        parser.parse_args(
+            [
+                "--model",
+                "m",
+                "--output",
+                "o",
+                "--suites",
+                "gsm8k, commonsense",
+                "--limit",
+                "5",
+                "--allow-code-execution",
+                "--data-dir",
+                "/d",
+            ]
+        )
+    )
     assert args["suites"] == ["gsm8k", "commonsense"]
     assert args["limit"] == 5 and args["allow_code_execution"] is True and args["data_dir"] == "/d"
     assert "num_fewshot" not in args  # unset flags fall back to the EvalOptions defaults
-    assert parser.parse_args(["--model", "m", "--output", "o", "--suites", "humaneval",
-                              "--humaneval-temperature", "0.2"]).humaneval_temperature == 0.2
+    assert (
+        parser.parse_args(
+            ["--model", "m", "--output", "o", "--suites", "humaneval", "--humaneval-temperature", "0.2"]
+        ).humaneval_temperature
+        == 0.2
+    )

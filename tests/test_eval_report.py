@@ -19,6 +19,7 @@ from monte_ds.evaluation.report import metric_rows
 from monte_ds.evaluation.tasks import BUNDLED_SAMPLE_DIR
 from monte_ds.tiny import build_tiny_llama
 
+
 FIXTURES = BUNDLED_SAMPLE_DIR
 COMMONSENSE = ["arc_easy", "arc_challenge", "piqa", "social_iqa", "winogrande", "openbookqa", "boolq", "hellaswag"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -44,8 +45,15 @@ def tokenizer(tiny_path):
 @pytest.fixture
 def training_log(tmp_path) -> Path:
     history = [
-        {"step": step, "loss": 3.0 / step, "kl_gaussian": 0.5, "kl_wishart": 0.2, "kl_dirichlet": 0.1,
-         "cooperative": 0.01, "learning_rate": 1e-4}
+        {
+            "step": step,
+            "loss": 3.0 / step,
+            "kl_gaussian": 0.5,
+            "kl_wishart": 0.2,
+            "kl_dirichlet": 0.1,
+            "cooperative": 0.01,
+            "learning_rate": 1e-4,
+        }
         for step in range(1, 6)
     ]
     path = tmp_path / "metrics.json"
@@ -57,13 +65,24 @@ def test_report_of_commonsense_and_gsm8k(model, tokenizer, training_log, tmp_pat
     model.train()
     out = tmp_path / "report"
     report = evaluate(
-        model, tokenizer, out, training_log=training_log,
+        model,
+        tokenizer,
+        out,
+        training_log=training_log,
         metadata={"config_hash": "abc123", "seed": 7, "adapter": "none", "versions": {"trl": "1.16.0"}},
-        suites=["commonsense", "gsm8k"], data_dir=str(FIXTURES), limit=2, max_gen_toks=8, batch_size=4,
+        suites=["commonsense", "gsm8k"],
+        data_dir=str(FIXTURES),
+        limit=2,
+        max_gen_toks=8,
+        batch_size=4,
     )
     assert model.training, "the caller's train/eval mode is restored"
     assert sorted(p.name for p in out.iterdir()) == [
-        "progress", "reliability.png", "report.json", "report.md", "training_curves.png"
+        "progress",
+        "reliability.png",
+        "report.json",
+        "report.md",
+        "training_curves.png",
     ]
     # gsm8k's scored chunks (batch 4: both documents in one), what a rerun would continue from
     assert report["files"] == sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
@@ -97,14 +116,22 @@ def test_report_of_commonsense_and_gsm8k(model, tokenizer, training_log, tmp_pat
 
     assert report["suites"] == {
         "commonsense": {"tasks": COMMONSENSE, "status": "completed", "error": None},
-        "gsm8k": {"tasks": ["gsm8k"], "status": "completed", "error": None, "progress": {"gsm8k": {"done": 2, "total": 2}}},
+        "gsm8k": {
+            "tasks": ["gsm8k"],
+            "status": "completed",
+            "error": None,
+            "progress": {"gsm8k": {"done": 2, "total": 2}},
+        },
     }
     assert report["partial"] == {}
     # max_gen_toks=8 caps gsm8k's 256 and leaves the rest of the 512-token context to the prompt;
     # the 5-shot prompts are longer than that (lm-eval cuts the first shots), the questions are not.
     limit = report["generation"]["gsm8k"]
     assert {key: limit[key] for key in ("context_length", "requested_max_gen_toks", "max_gen_toks", "derived")} == {
-        "context_length": 512, "requested_max_gen_toks": 8, "max_gen_toks": 8, "derived": False,
+        "context_length": 512,
+        "requested_max_gen_toks": 8,
+        "max_gen_toks": 8,
+        "derived": False,
     }
     assert limit["max_prompt_tokens"] == 504 and limit["longest_prompt_tokens"] <= 504
     assert limit["truncated_prompts"] == 2
@@ -133,8 +160,14 @@ def test_humaneval_executes_every_sample_only_with_the_opt_in(model, tokenizer, 
     assert executed == [] and not (tmp_path / "refused").exists()
 
     report = evaluate(
-        model, tokenizer, tmp_path / "report", suites=["humaneval"], limit=2, max_gen_toks=8,
-        allow_code_execution=True, humaneval_samples=2,
+        model,
+        tokenizer,
+        tmp_path / "report",
+        suites=["humaneval"],
+        limit=2,
+        max_gen_toks=8,
+        allow_code_execution=True,
+        humaneval_samples=2,
     )
     assert sorted(executed) == ["HumanEval/0"] * 2 + ["HumanEval/1"] * 2
     results = report["lm_eval"]["results"]["humaneval"]
@@ -144,18 +177,33 @@ def test_humaneval_executes_every_sample_only_with_the_opt_in(model, tokenizer, 
 
 
 def test_greedy_humaneval_is_one_deterministic_completion_per_problem(model, tokenizer, tmp_path):
-    options = dict(suites=["humaneval"], limit=2, max_gen_toks=8, allow_code_execution=True,
-                   humaneval_samples=1, humaneval_temperature=0)
+    options = {
+        "suites": ["humaneval"],
+        "limit": 2,
+        "max_gen_toks": 8,
+        "allow_code_execution": True,
+        "humaneval_samples": 1,
+        "humaneval_temperature": 0,
+    }
     report = evaluate(model, tokenizer, tmp_path / "a", **options)
     kwargs = report["lm_eval"]["configs"]["humaneval"]["generation_kwargs"]
     assert kwargs["do_sample"] is False and "temperature" not in kwargs and "top_p" not in kwargs
     assert report["lm_eval"]["configs"]["humaneval"]["repeats"] == 1
-    assert set(report["lm_eval"]["results"]["humaneval"]) == {"name", "alias", "sample_len", "pass@1,all-samples",
-                                                               "pass@1_stderr,all-samples"}
+    assert set(report["lm_eval"]["results"]["humaneval"]) == {
+        "name",
+        "alias",
+        "sample_len",
+        "pass@1,all-samples",
+        "pass@1_stderr,all-samples",
+    }
     again = evaluate(model, tokenizer, tmp_path / "b", **{**options, "seed": 99})  # greedy: no seed matters
 
     def completions(out):
-        return [s["filtered_resps"] for p in sorted((out / "progress").rglob("*.json")) for s in json.loads(p.read_text())["samples"]]
+        return [
+            s["filtered_resps"]
+            for p in sorted((out / "progress").rglob("*.json"))
+            for s in json.loads(p.read_text())["samples"]
+        ]
 
     assert completions(tmp_path / "a") == completions(tmp_path / "b") and len(completions(tmp_path / "a")) == 2
     assert again["lm_eval"]["results"] == report["lm_eval"]["results"]
@@ -203,8 +251,15 @@ def test_posterior_predictive_mode_reports_k_draws_beside_the_mean(monteclora_mo
 
     monkeypatch.setattr(predictive, "predictive_sampling", recording_sampling)
     report = evaluate(
-        monteclora_model, tokenizer, tmp_path / "report", suites=["piqa", "boolq", "gsm8k"],
-        data_dir=str(FIXTURES), limit=3, max_gen_toks=4, num_fewshot=0, predictive_samples=2,
+        monteclora_model,
+        tokenizer,
+        tmp_path / "report",
+        suites=["piqa", "boolq", "gsm8k"],
+        data_dir=str(FIXTURES),
+        limit=3,
+        max_gen_toks=4,
+        num_fewshot=0,
+        predictive_samples=2,
     )
     assert draws == [0, 1, 0, 1]  # draws 0..K-1 for each multiple-choice suite (piqa, boolq), none for gsm8k
     drawn = report["predictive"]
@@ -221,15 +276,28 @@ def test_predictive_mode_needs_a_monteclora_adapter_and_a_valid_training_log(mod
     with pytest.raises(UserError, match="^predictive_samples: the model has no MonteCLoRA layers"):
         evaluate(model, tokenizer, tmp_path / "r", suites=["piqa"], data_dir=str(FIXTURES), predictive_samples=2)
     with pytest.raises(UserError, match="^training_log: no such file"):
-        evaluate(model, tokenizer, tmp_path / "r", training_log=tmp_path / "absent.json", suites=["piqa"],
-                 data_dir=str(FIXTURES))
+        evaluate(
+            model,
+            tokenizer,
+            tmp_path / "r",
+            training_log=tmp_path / "absent.json",
+            suites=["piqa"],
+            data_dir=str(FIXTURES),
+        )
     assert not (tmp_path / "r").exists()
 
 
 def test_the_chat_template_option_changes_the_prompts(model, tokenizer, tmp_path):
     nll = {}
     for chat in (False, True):
-        report = evaluate(model, tokenizer, tmp_path / str(chat), suites=["boolq"], data_dir=str(FIXTURES), limit=2,
-                          apply_chat_template=chat)
+        report = evaluate(
+            model,
+            tokenizer,
+            tmp_path / str(chat),
+            suites=["boolq"],
+            data_dir=str(FIXTURES),
+            limit=2,
+            apply_chat_template=chat,
+        )
         nll[chat] = report["calibration"]["boolq"]["nll"]
     assert nll[True] != pytest.approx(nll[False])

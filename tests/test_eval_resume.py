@@ -25,6 +25,7 @@ from monte_ds.evaluation.limits import GenerationLimit, apply_limits
 from monte_ds.tiny import build_tiny_llama
 from tests.conftest import sigkill_when
 
+
 DOCS, BATCH = 6, 2  # three chunks of two documents
 
 
@@ -42,8 +43,25 @@ def tiny_model(tmp_path_factory, data_dir) -> Path:
 
 
 def eval_args(model: Path, data_dir: Path, out: Path) -> list[str]:
-    return ["eval", "--model", str(model), "--dtype", "float32", "--device", "cpu", "--suites", GSM8K_TASK,
-            "--data-dir", str(data_dir), "--batch-size", str(BATCH), "--max-gen-toks", "6", "--output", str(out)]
+    return [
+        "eval",
+        "--model",
+        str(model),
+        "--dtype",
+        "float32",
+        "--device",
+        "cpu",
+        "--suites",
+        GSM8K_TASK,
+        "--data-dir",
+        str(data_dir),
+        "--batch-size",
+        str(BATCH),
+        "--max-gen-toks",
+        "6",
+        "--output",
+        str(out),
+    ]
 
 
 def count_generations(monkeypatch) -> list[int]:
@@ -93,15 +111,21 @@ def test_a_killed_generative_suite_keeps_its_finished_documents_and_a_rerun_comp
     assert calls == [BATCH] * 3
     expected = read(whole)
     assert expected["suites"][GSM8K_TASK] == {
-        "tasks": [GSM8K_TASK], "status": "completed", "error": None, "progress": {GSM8K_TASK: {"done": 6, "total": 6}},
+        "tasks": [GSM8K_TASK],
+        "status": "completed",
+        "error": None,
+        "progress": {GSM8K_TASK: {"done": 6, "total": 6}},
     }
     assert expected["lm_eval"]["n-samples"][GSM8K_TASK] == {"original": DOCS, "effective": DOCS}
     assert expected["partial"] == {}
 
     # Killed (SIGKILL) while generating the second chunk: the first is in the report, as partial.
     out = tmp_path / "killed"
-    sigkill_when([sys.executable, "-c", KILLED_RUN, *eval_args(tiny_model, data_dir, out)],
-                 lambda: (out / "report.json").is_file(), timeout_s=300)
+    sigkill_when(
+        [sys.executable, "-c", KILLED_RUN, *eval_args(tiny_model, data_dir, out)],
+        lambda: (out / "report.json").is_file(),
+        timeout_s=300,
+    )
     partial = read(out)
     suite = partial["suites"][GSM8K_TASK]
     assert suite["status"] == "partial" and suite["progress"] == {GSM8K_TASK: {"done": 2, "total": 6}}
@@ -109,10 +133,13 @@ def test_a_killed_generative_suite_keeps_its_finished_documents_and_a_rerun_comp
     kept = partial["partial"][GSM8K_TASK]
     assert (kept["done"], kept["total"]) == (2, 6)
     assert {"exact_match,strict-match", "exact_match_stderr,strict-match", "exact_match,flexible-extract"} <= set(
-        kept["results"])
+        kept["results"]
+    )
     assert list(chunk_files(out)) == [f"progress/{GSM8K_TASK}/000000-000001.json"] == partial["files"][:1]
-    assert chunk_files(out)[f"progress/{GSM8K_TASK}/000000-000001.json"] == (
-        chunk_files(whole)[f"progress/{GSM8K_TASK}/000000-000001.json"])
+    assert (
+        chunk_files(out)[f"progress/{GSM8K_TASK}/000000-000001.json"]
+        == (chunk_files(whole)[f"progress/{GSM8K_TASK}/000000-000001.json"])
+    )
     markdown = (out / "report.md").read_text()
     assert f"| {GSM8K_TASK} (0-shot, partial: 2 of 6) | exact_match (strict-match) |" in markdown
     assert f"- {GSM8K_TASK} ({GSM8K_TASK}): partial, 2 of 6 documents done" in markdown
@@ -145,28 +172,40 @@ def test_chunks_aggregate_to_what_one_lm_eval_pass_reports(tiny_model, data_dir,
     lm-eval's own machinery, give lm-eval's single-pass results."""
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    options = dict(suites=[GSM8K_TASK], data_dir=str(data_dir), batch_size=1, max_gen_toks=6, limit=4)
+    options = {"suites": [GSM8K_TASK], "data_dir": str(data_dir), "batch_size": 1, "max_gen_toks": 6, "limit": 4}
     report = evaluate(model, tokenizer, tmp_path / "report", **options)
     assert len(chunk_files(tmp_path / "report")) == 4
 
     plan = plan_evaluation(options)
     task = plan.tasks[GSM8K_TASK]
     apply_limits(plan.tasks, {GSM8K_TASK: GenerationLimit(512, 6, 6, 0)})
-    single = simple_evaluate(model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1), tasks=[task],
-                             task_manager=plan.manager, limit=4, random_seed=1234, numpy_random_seed=1234,
-                             torch_random_seed=1234, fewshot_random_seed=1234)
+    single = simple_evaluate(
+        model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1),
+        tasks=[task],
+        task_manager=plan.manager,
+        limit=4,
+        random_seed=1234,
+        numpy_random_seed=1234,
+        torch_random_seed=1234,
+        fewshot_random_seed=1234,
+    )
     assert report["lm_eval"]["results"][GSM8K_TASK] == pytest.approx(single["results"][GSM8K_TASK])
     assert report["lm_eval"]["n-samples"][GSM8K_TASK] == single["n-samples"][GSM8K_TASK]
-    generated = {s["doc_id"]: s["filtered_resps"] for f in chunk_files(tmp_path / "report").values() for s in f["samples"]
-                 if s["filter"] == "strict-match"}
-    assert generated == {s["doc_id"]: s["filtered_resps"] for s in single["samples"][GSM8K_TASK]
-                         if s["filter"] == "strict-match"}
+    generated = {
+        s["doc_id"]: s["filtered_resps"]
+        for f in chunk_files(tmp_path / "report").values()
+        for s in f["samples"]
+        if s["filter"] == "strict-match"
+    }
+    assert generated == {
+        s["doc_id"]: s["filtered_resps"] for s in single["samples"][GSM8K_TASK] if s["filter"] == "strict-match"
+    }
 
 
 def test_a_stored_chunk_of_other_settings_is_not_reused(tiny_model, data_dir, tmp_path, monkeypatch):
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    options = dict(suites=[GSM8K_TASK], data_dir=str(data_dir), batch_size=2, max_gen_toks=6, limit=4)
+    options = {"suites": [GSM8K_TASK], "data_dir": str(data_dir), "batch_size": 2, "max_gen_toks": 6, "limit": 4}
     out = tmp_path / "report"
     evaluate(model, tokenizer, out, **options)
     calls = count_generations(monkeypatch)
@@ -184,7 +223,7 @@ def test_a_kill_between_the_reports_two_renames_loses_no_chunk(tiny_model, data_
     between the two leaves only `.<name>.old`, which a rerun continues from."""
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    options = dict(suites=[GSM8K_TASK], data_dir=str(data_dir), batch_size=2, max_gen_toks=6, limit=4)
+    options = {"suites": [GSM8K_TASK], "data_dir": str(data_dir), "batch_size": 2, "max_gen_toks": 6, "limit": 4}
     out = tmp_path / "report"
     expected = evaluate(model, tokenizer, out, **options)
     out.rename(tmp_path / ".report.old")

@@ -22,6 +22,7 @@ from monte_ds.evaluation.tasks import (
     task_manager,
 )
 
+
 FIXTURES = BUNDLED_SAMPLE_DIR
 COMMONSENSE = ["arc_easy", "arc_challenge", "piqa", "social_iqa", "winogrande", "openbookqa", "boolq", "hellaswag"]
 
@@ -34,7 +35,10 @@ def manager():
 def test_suites_expand_to_their_tasks_in_order_once(manager):
     assert expand_suites(manager, ["commonsense"]) == {"commonsense": COMMONSENSE}
     assert expand_suites(manager, ["gsm8k", "piqa", "commonsense", "humaneval"]) == {
-        "gsm8k": ["gsm8k"], "piqa": ["piqa"], "commonsense": [t for t in COMMONSENSE if t != "piqa"], "humaneval": ["humaneval"]
+        "gsm8k": ["gsm8k"],
+        "piqa": ["piqa"],
+        "commonsense": [t for t in COMMONSENSE if t != "piqa"],
+        "humaneval": ["humaneval"],
     }
     # A suite whose tasks all ran under an earlier name is dropped, not run empty.
     assert expand_suites(manager, ["commonsense", "boolq"]) == {"commonsense": COMMONSENSE}
@@ -89,8 +93,9 @@ def test_the_files_needed_follow_the_number_of_shots(tmp_path, manager):
 def test_humaneval_needs_no_data_dir_and_the_opt_in():
     with pytest.raises(UserError, match="^allow_code_execution: humaneval runs model-generated code"):
         validate_options({"suites": ["humaneval"]})
-    plan = plan_evaluation({"suites": ["humaneval"], "allow_code_execution": True, "humaneval_samples": 2,
-                            "data_dir": "/nonexistent"})
+    plan = plan_evaluation(
+        {"suites": ["humaneval"], "allow_code_execution": True, "humaneval_samples": 2, "data_dir": "/nonexistent"}
+    )
     task = plan.tasks["humaneval"]
     assert len(task.eval_docs) == 164
     assert task.config.repeats == 2 and task.config.metric_list[0]["k"] == [1, 2]

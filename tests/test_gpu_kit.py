@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from packaging.version import Version
 
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_kit.py"
 BUILT = ROOT / ".gpu-kit"
@@ -35,7 +36,12 @@ def make_wheel(directory: Path, name: str, version: str, requires=(), tag="py3-n
     stem = f"{name.replace('-', '_')}-{version}"
     path = directory / f"{stem}-{tag}.whl"
     with zipfile.ZipFile(path, "w") as archive:
-        metadata = [f"Metadata-Version: 2.1", f"Name: {name}", f"Version: {version}", *(f"Requires-Dist: {r}" for r in requires)]
+        metadata = [
+            "Metadata-Version: 2.1",
+            f"Name: {name}",
+            f"Version: {version}",
+            *(f"Requires-Dist: {r}" for r in requires),
+        ]
         archive.writestr(f"{stem}.dist-info/METADATA", "\n".join(metadata) + "\n")
         for module in modules or [name.replace("-", "_")]:
             archive.writestr(f"{module}/__init__.py", "")
@@ -43,7 +49,10 @@ def make_wheel(directory: Path, name: str, version: str, requires=(), tag="py3-n
 
 
 def node(kit, **versions: str | None):
-    return {name: kit.NodePackage(name, None if v is None else Version(v), (name.replace("-", "_"),)) for name, v in versions.items()}
+    return {
+        name: kit.NodePackage(name, None if v is None else Version(v), (name.replace("-", "_"),))
+        for name, v in versions.items()
+    }
 
 
 def test_every_module_the_suite_imports_is_on_the_node_or_pinned_in_the_kit(kit):
@@ -95,11 +104,17 @@ def test_a_node_package_is_carried_only_when_a_carried_wheels_requirement_exclud
     assert forced.problems == []
     assert forced.forced == {"pyarrow": "datasets 5.2.0 requires pyarrow>=24.0.0; the node has 23.0"}
     duplicate = kit.resolve([datasets, pyarrow], node(kit, pyarrow="26.0"), needed={"datasets"})
-    assert duplicate.problems == ["pyarrow: the node has it (26.0) and no carried wheel's requirement excludes that version"]
+    assert duplicate.problems == [
+        "pyarrow: the node has it (26.0) and no carried wheel's requirement excludes that version"
+    ]
     unknown = kit.resolve([datasets, pyarrow], node(kit, pyarrow=None), needed={"datasets"})
-    assert unknown.problems == ["pyarrow: the node has it (version not known) and no carried wheel's requirement excludes that version"]
+    assert unknown.problems == [
+        "pyarrow: the node has it (version not known) and no carried wheel's requirement excludes that version"
+    ]
     left_to_the_node = kit.resolve([datasets], node(kit, pyarrow=None), needed={"datasets"})
-    assert left_to_the_node.problems == [] and left_to_the_node.check_on_node == ["datasets 5.2.0 requires pyarrow>=24.0.0"]
+    assert left_to_the_node.problems == [] and left_to_the_node.check_on_node == [
+        "datasets 5.2.0 requires pyarrow>=24.0.0"
+    ]
     too_old = kit.resolve([datasets], node(kit, pyarrow="23.0"), needed={"datasets"})
     assert too_old.problems == ["datasets 5.2.0 requires pyarrow>=24.0.0: the node has 23.0 and the kit carries none"]
 
@@ -110,7 +125,11 @@ def test_the_resolution_names_every_gap_in_a_kit(kit, tmp_path):
     stray = kit.read_wheel(make_wheel(tmp_path, "stray", "1.0"))
     old_abi = kit.read_wheel(make_wheel(tmp_path, "oldabi", "1.0", tag="cp311-cp311-manylinux_2_17_x86_64"))
     new_glibc = kit.read_wheel(make_wheel(tmp_path, "newglibc", "1.0", tag="cp312-cp312-manylinux_2_34_x86_64"))
-    result = kit.resolve([trl, dill, stray, old_abi, new_glibc], node(kit, transformers="5.17"), needed={"trl", "oldabi", "newglibc", "bnb"})
+    result = kit.resolve(
+        [trl, dill, stray, old_abi, new_glibc],
+        node(kit, transformers="5.17"),
+        needed={"trl", "oldabi", "newglibc", "bnb"},
+    )
     assert sorted(result.problems) == sorted([
         "oldabi-1.0-cp311-cp311-manylinux_2_17_x86_64.whl: not installable on CPython 3.12 x86-64 Linux",
         "newglibc-1.0-cp312-cp312-manylinux_2_34_x86_64.whl: not installable on CPython 3.12 x86-64 Linux",
@@ -132,7 +151,9 @@ def test_a_module_resolves_through_the_import_names_a_wheel_provides(kit, tmp_pa
 
 
 def test_run_tells_which_requirements_the_nodes_installed_versions_miss(kit, tmp_path):
-    bnb = kit.read_wheel(make_wheel(tmp_path, "bitsandbytes", "0.50.2", ["torch<3,>=2.4", "numpy>=1.17", "packaging>=20.9"]))
+    bnb = kit.read_wheel(
+        make_wheel(tmp_path, "bitsandbytes", "0.50.2", ["torch<3,>=2.4", "numpy>=1.17", "packaging>=20.9"])
+    )
     unmet = kit.unmet_on_node([bnb], {"torch": Version("2.11+cu130"), "numpy": Version("1.16")})
     assert unmet == ["bitsandbytes 0.50.2 requires numpy>=1.17: the node has 1.16",
                      "bitsandbytes 0.50.2 requires packaging>=20.9: not installed"]  # fmt: skip
@@ -142,7 +163,7 @@ def test_run_refuses_a_python_the_wheels_do_not_install_on_in_one_line(tmp_path)
     (tmp_path / "wheels").mkdir()
     wheel = make_wheel(tmp_path / "wheels", "native", "1.0", tag="cp27-cp27mu-manylinux1_x86_64")
     (tmp_path / "manifest.json").write_text(
-        '{"built_from": "test", "python": "2.7", "forced": {}, "wheels": {"native": {"file": "%s"}}}' % wheel.name
+        f'{{"built_from": "test", "python": "2.7", "forced": {{}}, "wheels": {{"native": {{"file": "{wheel.name}"}}}}}}'
     )
     process = subprocess.run([sys.executable, str(SCRIPT), "run", "--kit", str(tmp_path), str(tmp_path / "out")],
                              capture_output=True, text=True, timeout=60)  # fmt: skip
@@ -154,7 +175,9 @@ def test_run_refuses_a_python_the_wheels_do_not_install_on_in_one_line(tmp_path)
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.skipif(not (BUILT / "manifest.json").is_file(), reason="no .gpu-kit/: `make gpu-kit` builds it (needs PyPI)")
+@pytest.mark.skipif(
+    not (BUILT / "manifest.json").is_file(), reason="no .gpu-kit/: `make gpu-kit` builds it (needs PyPI)"
+)
 def test_the_built_kit_resolves_against_the_node_and_fits_a_device_run(kit):
     wheels = [kit.read_wheel(path) for path in sorted((BUILT / "wheels").glob("*.whl"))]
     assert {w.name: str(w.version) for w in wheels} == kit.KIT  # one version of each pin, nothing else

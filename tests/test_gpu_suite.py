@@ -16,8 +16,16 @@ from pathlib import Path
 
 import pytest
 
+
 SUITE = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_suite.py"
-ORDER = ["cuda-tests", "overhead-1b-bf16-async", "overhead-1b-bf16-sync", "overhead-1b-nf4", "llama7b-qlora", "launch-bound"]
+ORDER = [
+    "cuda-tests",
+    "overhead-1b-bf16-async",
+    "overhead-1b-bf16-sync",
+    "overhead-1b-nf4",
+    "llama7b-qlora",
+    "launch-bound",
+]
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +41,9 @@ def header() -> dict:
     return {"device": "cpu", "smoke": True, "versions": {}}
 
 
-def test_a_step_is_not_started_when_less_than_its_cap_is_left_and_a_failure_does_not_stop_the_suite(gpu_suite, tmp_path):
+def test_a_step_is_not_started_when_less_than_its_cap_is_left_and_a_failure_does_not_stop_the_suite(
+    gpu_suite, tmp_path
+):
     on_disk_at_start: dict[str, list[str]] = {}
 
     def step(name: str, cap_s: int, seconds: float = 0.0, error: Exception | None = None):

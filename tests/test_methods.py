@@ -15,12 +15,13 @@ import torch
 
 from monte_ds import run_folder
 from monte_ds.errors import UserError
-from monte_ds.train import checkpoints, run
+from monte_ds.train import run
 from monte_ds.train.config import load_config, validate_config
 from monte_ds.train.methods import ACCEPTED, METHODS
 from monte_ds.train.model import attach_adapter, load_base_model, load_tokenizer
 from monte_ds.train.trainer import ORTHOGONALITY, MonteCLoRATrainer
 from tests.test_train_run import DATA, metrics, step_logs, tiny_base, train, write_config  # noqa: F401 (tiny_base: a fixture)
+
 
 # Small settings that make each method do something visible in 4 steps.
 METHOD_SETTINGS = {
@@ -94,13 +95,21 @@ def test_every_method_trains_resumes_exactly_and_reloads_its_output(tmp_path, ti
 
 def assert_method_specifics(method: str, out: Path, trainer: MonteCLoRATrainer) -> None:
     saved = run.inference_dir(load_config(out / "config.json"))
-    outputs = {path.name for path in out.iterdir() if path.is_dir() and not path.name.startswith(("checkpoint-", "runs"))}
+    outputs = {
+        path.name for path in out.iterdir() if path.is_dir() and not path.name.startswith(("checkpoint-", "runs"))
+    }
     assert outputs == ({"adapter", "lora_adapter"} if method == "monteclora" else {saved.name})
     if method == "full":
         assert (saved / "model.safetensors").is_file() and (saved / "tokenizer.json").is_file()
         return
     peft_config = json.loads((saved / "adapter_config.json").read_text())
-    expected_type = {"monteclora": "LORA", "lora": "LORA", "dora": "LORA", "loraplus": "LORA", "prompt_tuning": "PROMPT_TUNING"}
+    expected_type = {
+        "monteclora": "LORA",
+        "lora": "LORA",
+        "dora": "LORA",
+        "loraplus": "LORA",
+        "prompt_tuning": "PROMPT_TUNING",
+    }
     assert peft_config["peft_type"] == expected_type.get(method, method.upper())
     assert peft_config.get("use_dora", False) == (method == "dora")
     if method == "loraplus":
@@ -122,8 +131,12 @@ def assert_method_specifics(method: str, out: Path, trainer: MonteCLoRATrainer) 
 def test_adalora_orthogonality_enters_the_training_loss_once(tmp_path, tiny_base):
     """peft adds it to `outputs.loss`, which TRL's fused loss does not use: the trainer adds it."""
     plan = run.plan_run(["--config", str(method_config(tmp_path, tiny_base, "adalora"))])
-    model = attach_adapter(load_base_model(plan.config, torch.device("cpu"), sharded=False), plan.config, 0, False, None)
-    trainer = MonteCLoRATrainer(model=model, args=plan.args, train_dataset=plan.dataset, processing_class=load_tokenizer(plan.config))
+    model = attach_adapter(
+        load_base_model(plan.config, torch.device("cpu"), sharded=False), plan.config, 0, False, None
+    )
+    trainer = MonteCLoRATrainer(
+        model=model, args=plan.args, train_dataset=plan.dataset, processing_class=load_tokenizer(plan.config)
+    )
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     model.train()
     config = model.peft_config["default"]
@@ -158,17 +171,33 @@ def raw_config(method: str, **adapter) -> dict:
 @pytest.mark.parametrize(
     ("method", "adapter", "message"),
     [
-        ("ia3", {"r": 8}, "adapter.r: not an option of method 'ia3' (it takes: feedforward_modules, modules_to_save, target_modules)"),
-        ("full", {"target_modules": ["q_proj"]}, "adapter.target_modules: not an option of method 'full' (it takes: no adapter options)"),
+        (
+            "ia3",
+            {"r": 8},
+            "adapter.r: not an option of method 'ia3' (it takes: feedforward_modules, modules_to_save, target_modules)",
+        ),
+        (
+            "full",
+            {"target_modules": ["q_proj"]},
+            "adapter.target_modules: not an option of method 'full' (it takes: no adapter options)",
+        ),
         ("lora", {"loraplus_lr_ratio": 4}, "adapter.loraplus_lr_ratio: not an option of method 'lora'"),
         ("dora", {"use_dora": False}, "adapter.use_dora: not an option of method 'dora'"),
         ("prompt_tuning", {"lora_dropout": 0.1}, "adapter.lora_dropout: not an option of method 'prompt_tuning'"),
-        ("adalora", {"r": 8, "init_r": 4}, "adapter.init_r: AdaLoRA prunes from init_r down to r, so it must be >= r (8)"),
+        (
+            "adalora",
+            {"r": 8, "init_r": 4},
+            "adapter.init_r: AdaLoRA prunes from init_r down to r, so it must be >= r (8)",
+        ),
         ("adalora", {"beta1": 1.5}, "adapter.beta1: must be in (0, 1), got 1.5"),
         ("loraplus", {"loraplus_lr_ratio": 0}, "adapter.loraplus_lr_ratio: must be > 0, got 0"),
         ("prompt_tuning", {"prompt_tuning_init": "TEXT"}, "adapter.prompt_tuning_init_text: must be set exactly when"),
-        ("ia3", {"target_modules": "all-linear"}, "adapter.feedforward_modules: required for IA³ when target_modules is a pattern"),
-        ("lokr", {"decompose_factor": "2"}, "adapter.decompose_factor: expected integer, got \"2\""),
+        (
+            "ia3",
+            {"target_modules": "all-linear"},
+            "adapter.feedforward_modules: required for IA³ when target_modules is a pattern",
+        ),
+        ("lokr", {"decompose_factor": "2"}, 'adapter.decompose_factor: expected integer, got "2"'),
         ("fancy", {}, "adapter.method: must be one of"),
     ],
 )
@@ -179,7 +208,11 @@ def test_an_option_of_another_method_or_a_bad_value_is_a_one_line_error(method, 
 
 
 ZERO2, ZERO3 = (str(Path(__file__).resolve().parents[1] / "configs" / "deepspeed" / f"zero{n}.json") for n in (2, 3))
-REENTRANT = {"output_dir": "unused", "activation_checkpointing": True, "activation_checkpointing_kwargs": {"use_reentrant": True}}
+REENTRANT = {
+    "output_dir": "unused",
+    "activation_checkpointing": True,
+    "activation_checkpointing_kwargs": {"use_reentrant": True},
+}
 
 
 @pytest.mark.parametrize(
@@ -188,13 +221,36 @@ REENTRANT = {"output_dir": "unused", "activation_checkpointing": True, "activati
         ("full", {"quantization": {"mode": "nf4"}}, "quantization.mode: full fine-tuning trains every weight"),
         ("loha", {"quantization": {"mode": "nf4"}}, "quantization.mode: peft's loha has no bitsandbytes layers"),
         ("adalora", {"distributed": {"fsdp": {}}}, "distributed: AdaLoRA's rank allocation reads whole weights"),
-        ("adalora", {"distributed": {"deepspeed": ZERO3}}, "distributed: AdaLoRA's rank allocation reads whole weights"),
-        ("lora", {"quantization": {"mode": "int8"}, "distributed": {"fsdp": {}}}, "quantization.mode: bitsandbytes' 8-bit weights cannot be sharded"),
-        ("monteclora", {"distributed": {"deepspeed": ZERO3}, "training": REENTRANT},
-         "training.activation_checkpointing_kwargs.use_reentrant: MonteCLoRA under ZeRO-3 takes non-reentrant"),
-        ("adalora", {"distributed": {"deepspeed": ZERO2}}, "distributed.deepspeed: AdaLoRA's rank allocation reads the gradients after"),
-        ("prompt_tuning", {"distributed": {"fsdp": {}}}, "distributed.fsdp: peft saves prompt tuning by running its prompt encoder"),
-        ("loha", {"distributed": {"deepspeed": ZERO3}}, "distributed.deepspeed: peft's LoHa sizes its factors from the base weight's shape"),
+        (
+            "adalora",
+            {"distributed": {"deepspeed": ZERO3}},
+            "distributed: AdaLoRA's rank allocation reads whole weights",
+        ),
+        (
+            "lora",
+            {"quantization": {"mode": "int8"}, "distributed": {"fsdp": {}}},
+            "quantization.mode: bitsandbytes' 8-bit weights cannot be sharded",
+        ),
+        (
+            "monteclora",
+            {"distributed": {"deepspeed": ZERO3}, "training": REENTRANT},
+            "training.activation_checkpointing_kwargs.use_reentrant: MonteCLoRA under ZeRO-3 takes non-reentrant",
+        ),
+        (
+            "adalora",
+            {"distributed": {"deepspeed": ZERO2}},
+            "distributed.deepspeed: AdaLoRA's rank allocation reads the gradients after",
+        ),
+        (
+            "prompt_tuning",
+            {"distributed": {"fsdp": {}}},
+            "distributed.fsdp: peft saves prompt tuning by running its prompt encoder",
+        ),
+        (
+            "loha",
+            {"distributed": {"deepspeed": ZERO3}},
+            "distributed.deepspeed: peft's LoHa sizes its factors from the base weight's shape",
+        ),
     ],
 )
 def test_what_a_method_cannot_do_with_the_rest_of_the_config_is_refused(method, section, message):

@@ -22,6 +22,7 @@ from monte_ds.monteclora.math import (
 )
 from tests.conftest import tiny_config
 
+
 CPU = torch.device("cpu")
 WEIGHTS = {"kl_gaussian": 0.7, "kl_wishart": -1.3, "kl_dirichlet": 2.1, "cooperative": 0.4}
 
@@ -33,8 +34,16 @@ def mlp(ranks: dict[str, int] | None = None, sparse: bool = False):
     base.add_module("a", nn.Linear(6, 6))
     base.add_module("b", nn.Linear(6, 9))
     base.add_module("c", nn.Linear(9, 5))
-    config = MonteCLoRAConfig(r=4, target_modules=["a", "b", "c"], sample_scaler=0.3, rank_pattern=ranks or {},
-                              sparse_mixture=sparse, init_lora_weights=False, dirichlet_init="uniform", seed=3)
+    config = MonteCLoRAConfig(
+        r=4,
+        target_modules=["a", "b", "c"],
+        sample_scaler=0.3,
+        rank_pattern=ranks or {},
+        sparse_mixture=sparse,
+        init_lora_weights=False,
+        dirichlet_init="uniform",
+        seed=3,
+    )
     model = get_monteclora_model(base, config)
     with torch.no_grad():
         for i, layer in enumerate(monteclora_layers(model)):
@@ -57,7 +66,9 @@ def reference_loss(model, engine, delta_weights):
     """The same loss from the per-layer formulas with autograd (layers in the engine's stacked order)."""
     layers = engine._partitions[0].layers
     alpha = torch.cat([layer.concentration_log for layer in layers]).exp()
-    generator = seeded_generator(CPU, stream_seed(3, adapter_key("default"), 0, STREAM_DIRICHLET, engine.current_index, 0))
+    generator = seeded_generator(
+        CPU, stream_seed(3, adapter_key("default"), 0, STREAM_DIRICHLET, engine.current_index, 0)
+    )
     pi = dirichlet_attach(alpha, dirichlet_sample(alpha, generator))
     draws = engine.sampler._compute((0, engine.current_index))
     per_group = [(d.noise[i], d.row_sq[i], d.log_det[i]) for d in draws for i in range(d.row_sq.shape[0])]
@@ -118,7 +129,9 @@ def test_mixed_ranks_keep_gradients_under_checkpointing(reentrant):
         if checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
             base.enable_input_require_grads()
-        config = MonteCLoRAConfig(r=4, rank_pattern={"v_proj": 2, "down_proj": 6}, sample_scaler=0.5, init_lora_weights=False)
+        config = MonteCLoRAConfig(
+            r=4, rank_pattern={"v_proj": 2, "down_proj": 6}, sample_scaler=0.5, init_lora_weights=False
+        )
         model = get_monteclora_model(base, config)
         model.train()
         (model(input_ids=ids, labels=ids).loss + monteclora_losses(model)["total"]).backward()
@@ -155,7 +168,9 @@ def test_bf16_weights_get_their_deltas_in_bf16_from_the_second_forward():
     # peft keeps adapter weights in fp32 on a bf16 base; a cast of the whole model (as DeepSpeed's
     # bf16 mode does) makes them, and the stacked ln v / ln alpha, bf16
     base = LlamaForCausalLM(tiny_config())
-    model = get_monteclora_model(base, MonteCLoRAConfig(r=4, sample_scaler=0.5, init_lora_weights=False)).to(torch.bfloat16)
+    model = get_monteclora_model(base, MonteCLoRAConfig(r=4, sample_scaler=0.5, init_lora_weights=False)).to(
+        torch.bfloat16
+    )
     engine = next(monteclora_layers(model)).engine
     ids = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(0))
     model.train()

@@ -27,8 +27,16 @@ from monte_ds.errors import InputError
 from monte_ds.monteclora.engine import LOG_PARAMS, adapter_key
 from monte_ds.monteclora.io import LEGACY_SAMPLER_JSON, SAMPLER_JSON
 from monte_ds.monteclora.layer import MonteCLoRALinearA
-from monte_ds.monteclora.math import STREAM_DIRICHLET, STREAM_TRAIN, dirichlet_sample, draw_bartlett, seeded_generator, stream_seed
+from monte_ds.monteclora.math import (
+    STREAM_DIRICHLET,
+    STREAM_TRAIN,
+    dirichlet_sample,
+    draw_bartlett,
+    seeded_generator,
+    stream_seed,
+)
 from tests.conftest import QUANTIZATIONS, VOCAB, tiny_config
+
 
 CPU = torch.device("cpu")
 
@@ -57,7 +65,9 @@ def train_logits(model, input_ids):
 
 # 1, 2: every supported base; stochastic in train, deterministic and plain LoRA in eval --------------
 @pytest.mark.parametrize("quantization", [None, "nf4", "fp4", "int8"])
-def test_noise_is_applied_and_eval_equals_vanilla_peft_export(load_base, tiny_checkpoint, input_ids, tmp_path, quantization):
+def test_noise_is_applied_and_eval_equals_vanilla_peft_export(
+    load_base, tiny_checkpoint, input_ids, tmp_path, quantization
+):
     model = build(load_base, quantization)
     assert len(list(monteclora_layers(model))) == 2 * 7
     first, second = train_logits(model, input_ids), train_logits(model, input_ids)
@@ -68,9 +78,13 @@ def test_noise_is_applied_and_eval_equals_vanilla_peft_export(load_base, tiny_ch
         assert torch.equal(mean_logits, model(input_ids=input_ids).logits)
     export_lora_adapter(model, tmp_path / "lora")
     torch.save(input_ids, tmp_path / "ids.pt")
-    quant = "" if quantization is None else (
-        "from transformers import BitsAndBytesConfig\n"
-        f"kw = dict(quantization_config=BitsAndBytesConfig(**{QUANTIZATIONS[quantization]!r}), device_map='cpu')\n"
+    quant = (
+        ""
+        if quantization is None
+        else (
+            "from transformers import BitsAndBytesConfig\n"
+            f"kw = dict(quantization_config=BitsAndBytesConfig(**{QUANTIZATIONS[quantization]!r}), device_map='cpu')\n"
+        )
     )
     script = (
         "import sys\nsys.modules['monte_ds'] = None  # monte_ds must not be needed\n"
@@ -281,15 +295,26 @@ def test_sparse_mixture_uses_a_one_hot_mixture(load_base, sparse):
     model = build(load_base, sparse_mixture=sparse)
     layers = list(monteclora_layers(model))
     layer = layers[0]
-    same_shape = [other for other in layers if (other.out_features, other.in_features) == (layer.out_features, layer.in_features)]
+    same_shape = [
+        other for other in layers if (other.out_features, other.in_features) == (layer.out_features, layer.in_features)
+    ]
     model.train()
     layer.engine.begin_training_forward()
     index = layer.engine.current_index
     with torch.no_grad():
         delta = layer.sampled_weight() - layer.weight
-        noise = draw_bartlett(len(same_shape), 4, layer.in_features, 4.0, seeded_generator(CPU, stream_seed(0, adapter_key("default"), 0, STREAM_TRAIN, index, 0)), CPU).noise[0]
+        noise = draw_bartlett(
+            len(same_shape),
+            4,
+            layer.in_features,
+            4.0,
+            seeded_generator(CPU, stream_seed(0, adapter_key("default"), 0, STREAM_TRAIN, index, 0)),
+            CPU,
+        ).noise[0]
         alpha = torch.cat([other.concentration_log for other in layers]).exp()
-        pi = dirichlet_sample(alpha, seeded_generator(CPU, stream_seed(0, adapter_key("default"), 0, STREAM_DIRICHLET, index, 0)))[0]
+        pi = dirichlet_sample(
+            alpha, seeded_generator(CPU, stream_seed(0, adapter_key("default"), 0, STREAM_DIRICHLET, index, 0))
+        )[0]
     norm = 1.0 if sparse else pi.norm()
     expected = 0.5 * norm * layer.wishart_scale.sqrt().unsqueeze(1) * noise
     assert torch.allclose(delta, expected, atol=1e-6)
@@ -341,7 +366,9 @@ def test_save_load_round_trip_is_exact(load_base, input_ids, tmp_path, quantizat
 
 
 def test_loading_a_folder_that_is_not_an_adapter_names_what_is_missing(load_base, tmp_path):
-    with pytest.raises(InputError, match="missing adapter_model.safetensors, monteclora_config.json, monteclora_sampler.json") as caught:
+    with pytest.raises(
+        InputError, match="missing adapter_model.safetensors, monteclora_config.json, monteclora_sampler.json"
+    ) as caught:
         load_adapter(load_base(), tmp_path)
     assert caught.value.key == str(tmp_path)
 
@@ -388,10 +415,14 @@ def test_an_adapter_saved_with_per_layer_parameters_loads_into_the_stacked_forma
         assert torch.equal(layer.concentration_log, legacy[f"{prefix}.concentration_log"])
     model.train()
     with torch.no_grad():
-        assert torch.allclose(model(input_ids=expected["input_ids"]).logits, expected["train_logits"], rtol=0, atol=1e-6)
+        assert torch.allclose(
+            model(input_ids=expected["input_ids"]).logits, expected["train_logits"], rtol=0, atol=1e-6
+        )
         model.eval()
         assert torch.equal(model(input_ids=expected["input_ids"]).logits, expected["eval_logits"])
     save_adapter(model, tmp_path / "again")
     keys = load_file(tmp_path / "again" / "adapter_model.safetensors")
-    assert [key for key in keys if key.endswith(LOG_PARAMS)] == ["base_model.model.model.layers.0.self_attn.q_proj.lora_A.monteclora_log_params"]
+    assert [key for key in keys if key.endswith(LOG_PARAMS)] == [
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.monteclora_log_params"
+    ]
     assert not any(key.endswith(("wishart_log_scale", "concentration_log")) for key in keys)

@@ -12,14 +12,15 @@ from monte_ds.monteclora.math import (
     STREAM_PREDICTIVE,
     STREAM_PREDICTIVE_DIRICHLET,
     STREAM_TRAIN,
-    draw_bartlett,
     dirichlet_rsample,
+    draw_bartlett,
     kl_dirichlet,
     kl_gaussian,
     kl_wishart,
     seeded_generator,
     stream_seed,
 )
+
 
 CPU = torch.device("cpu")
 
@@ -104,7 +105,9 @@ def test_noise_is_the_bartlett_factor_times_a_standard_normal():
     g = seeded_generator(CPU, 9)
     z = torch.randn(layers, r, n_in, generator=g)
     lower = torch.randn(layers, r, r, generator=g).tril(-1)
-    chi2 = 2 * torch._standard_gamma(((4.0 - torch.arange(r, dtype=torch.float32)) / 2).expand(layers, r).contiguous(), generator=g)
+    chi2 = 2 * torch._standard_gamma(
+        ((4.0 - torch.arange(r, dtype=torch.float32)) / 2).expand(layers, r).contiguous(), generator=g
+    )
     chol = lower + torch.diag_embed(chi2.sqrt())
     assert torch.allclose(draw.noise, chol @ z, atol=1e-6)
     assert torch.allclose(draw.row_sq, chol.square().sum(-1))
@@ -144,7 +147,13 @@ def test_batched_kl_terms_equal_the_per_row_terms():
 def test_stream_seed_separates_every_key():
     streams = (STREAM_TRAIN, STREAM_DIRICHLET, STREAM_INIT, STREAM_PREDICTIVE, STREAM_PREDICTIVE_DIRICHLET)
     assert len(set(streams)) == len(streams)  # each use of randomness has its own tag
-    seeds = {stream_seed(seed, rank, stream, step, layer) for seed in range(3) for rank in range(3)
-             for stream in streams for step in range(5) for layer in range(7)}
+    seeds = {
+        stream_seed(seed, rank, stream, step, layer)
+        for seed in range(3)
+        for rank in range(3)
+        for stream in streams
+        for step in range(5)
+        for layer in range(7)
+    }
     assert len(seeds) == 3 * 3 * len(streams) * 5 * 7
     assert stream_seed(1, 2, 3) == stream_seed(1, 2, 3)

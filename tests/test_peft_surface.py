@@ -44,6 +44,7 @@ from monte_ds.train.model import check_adapter_targets, check_model_path
 from monte_ds.train.run import main
 from tests.conftest import tiny_config
 
+
 DATA = "bundled:tiny_instruct.jsonl"
 
 
@@ -79,9 +80,21 @@ def gpt2_path(tmp_path) -> Path:
             "monte-ds: error: adapter.target_modules: 'v_prj' matched no module; "
             "adapter.exclude_modules: 'k_prj' matched no module",
         ),
-        ("tiny", {"target_modules": ".*attn\\.qproj"}, "adapter.target_modules: the pattern '.*attn\\\\.qproj' matched no module"),
-        ("tiny", {"rank_pattern": {"q_prj": 16}}, "adapter.rank_pattern: 'q_prj' matched no module (no adapted module)"),
-        ("gpt2", {}, "adapter.target_modules: 'q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj' matched no module (the default"),
+        (
+            "tiny",
+            {"target_modules": ".*attn\\.qproj"},
+            "adapter.target_modules: the pattern '.*attn\\\\.qproj' matched no module",
+        ),
+        (
+            "tiny",
+            {"rank_pattern": {"q_prj": 16}},
+            "adapter.rank_pattern: 'q_prj' matched no module (no adapted module)",
+        ),
+        (
+            "gpt2",
+            {},
+            "adapter.target_modules: 'q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj' matched no module (the default",
+        ),
     ],
 )
 def test_train_reports_target_problems_in_one_line_before_writing(tmp_path, gpt2_path, capsys, model, adapter, message):
@@ -99,14 +112,26 @@ def test_methods_without_targets_skip_the_target_check(tmp_path, gpt2_path, meth
     config = load_config(write_train_config(tmp_path, gpt2_path, {"method": method}, build_tiny=False))
     check_adapter_targets(config, check_model_path(config))
     with pytest.raises(UserError, match="matched no module"):
-        check_adapter_targets(load_config(write_train_config(tmp_path, gpt2_path, {}, build_tiny=False)), check_model_path(config))
+        check_adapter_targets(
+            load_config(write_train_config(tmp_path, gpt2_path, {}, build_tiny=False)), check_model_path(config)
+        )
 
 
 def test_train_accepts_every_offered_lora_field(tmp_path):
     adapter = {
-        "task_type": "CAUSAL_LM", "exclude_modules": ["k_proj"], "layers_to_transform": [0], "layers_pattern": "layers",
-        "rank_pattern": {"q_proj": 8}, "alpha_pattern": {"q_proj": 32}, "fan_in_fan_out": False, "bias": "lora_only",
-        "lora_bias": True, "init_lora_weights": "gaussian", "use_dora": True, "loftq_config": {}, "eva_config": None,
+        "task_type": "CAUSAL_LM",
+        "exclude_modules": ["k_proj"],
+        "layers_to_transform": [0],
+        "layers_pattern": "layers",
+        "rank_pattern": {"q_proj": 8},
+        "alpha_pattern": {"q_proj": 32},
+        "fan_in_fan_out": False,
+        "bias": "lora_only",
+        "lora_bias": True,
+        "init_lora_weights": "gaussian",
+        "use_dora": True,
+        "loftq_config": {},
+        "eva_config": None,
     }
     config = load_config(write_train_config(tmp_path, tmp_path / "m", adapter, build_tiny=True))
     assert {key: getattr(config.adapter, key) for key in adapter} == adapter
@@ -181,21 +206,44 @@ def train_steps(model: nn.Module, steps: int, **inputs) -> None:
 
 
 def adapted_names(model: nn.Module, adapter_name: str = "default") -> set[str]:
-    return {name for name, module in model.named_modules() if isinstance(module, LoraLayer) and adapter_name in module.lora_A}
+    return {
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, LoraLayer) and adapter_name in module.lora_A
+    }
 
 
-ENCODER = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=40)
+ENCODER = {
+    "vocab_size": 64,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "max_position_embeddings": 40,
+}
 
 
 @pytest.mark.parametrize(
     "build, task_type, peft_class",
     [
         (lambda: tiny_llama(), "CAUSAL_LM", "PeftModelForCausalLM"),
-        (lambda: RobertaForSequenceClassification(RobertaConfig(**ENCODER, num_labels=3)), "SEQ_CLS", "PeftModelForSequenceClassification"),
-        (lambda: BertForTokenClassification(BertConfig(**ENCODER, num_labels=3)), "TOKEN_CLS", "PeftModelForTokenClassification"),
+        (
+            lambda: RobertaForSequenceClassification(RobertaConfig(**ENCODER, num_labels=3)),
+            "SEQ_CLS",
+            "PeftModelForSequenceClassification",
+        ),
+        (
+            lambda: BertForTokenClassification(BertConfig(**ENCODER, num_labels=3)),
+            "TOKEN_CLS",
+            "PeftModelForTokenClassification",
+        ),
         (lambda: BertModel(BertConfig(**ENCODER)), "FEATURE_EXTRACTION", "PeftModelForFeatureExtraction"),
         (
-            lambda: T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2, decoder_start_token_id=0)),
+            lambda: T5ForConditionalGeneration(
+                T5Config(
+                    vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2, decoder_start_token_id=0
+                )
+            ),
             "SEQ_2_SEQ_LM",
             "PeftModelForSeq2SeqLM",
         ),
@@ -206,7 +254,9 @@ def test_the_task_type_is_inferred_from_the_model(build, task_type, peft_class):
     base = build()
     targets = {"CAUSAL_LM": ["q_proj", "v_proj"], "SEQ_2_SEQ_LM": ["q", "v"]}.get(task_type, ["query", "value"])
     # init_lora_weights=False: B is not zero, so the noise on A shows in the output
-    model = get_monteclora_model(base, MonteCLoRAConfig(r=2, target_modules=targets, sample_scaler=1.0, init_lora_weights=False))
+    model = get_monteclora_model(
+        base, MonteCLoRAConfig(r=2, target_modules=targets, sample_scaler=1.0, init_lora_weights=False)
+    )
     assert model.peft_config["default"].task_type == task_type and type(model).__name__ == peft_class
     ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(0))
     inputs = {"input_ids": ids, **({"decoder_input_ids": ids} if task_type == "SEQ_2_SEQ_LM" else {})}
@@ -235,7 +285,10 @@ def test_a_plain_module_gets_a_plain_peft_model():
 def test_sequence_classification_trains_the_classifier_and_reloads_exactly(tmp_path, encoder):
     """The paper's GLUE set-up: query/value adapted, the new classifier head trained and saved."""
     torch.manual_seed(0)
-    builder = {"roberta": (RobertaForSequenceClassification, RobertaConfig), "bert": (BertForSequenceClassification, BertConfig)}
+    builder = {
+        "roberta": (RobertaForSequenceClassification, RobertaConfig),
+        "bert": (BertForSequenceClassification, BertConfig),
+    }
     model_class, config_class = builder[encoder]
     base = model_class(config_class(**ENCODER, num_labels=3))
     config = MonteCLoRAConfig(r=4, target_modules=["query", "value"], modules_to_save=["classifier"])
@@ -243,8 +296,10 @@ def test_sequence_classification_trains_the_classifier_and_reloads_exactly(tmp_p
     ids = torch.randint(0, 64, (4, 7), generator=torch.Generator().manual_seed(1))
     train_steps(model, 2, input_ids=ids, labels=torch.tensor([0, 1, 2, 1]))
     trained_head = model.base_model.model.classifier.modules_to_save["default"]
-    assert not torch.equal(trained_head.state_dict()["out_proj.weight" if encoder == "roberta" else "weight"],
-                           base.classifier.state_dict()["out_proj.weight" if encoder == "roberta" else "weight"])
+    assert not torch.equal(
+        trained_head.state_dict()["out_proj.weight" if encoder == "roberta" else "weight"],
+        base.classifier.state_dict()["out_proj.weight" if encoder == "roberta" else "weight"],
+    )
     save_adapter(model, tmp_path / "adapter")
     reloaded = load_adapter(copy.deepcopy(base), tmp_path / "adapter")
     assert torch.equal(eval_output(reloaded, input_ids=ids), eval_output(model, input_ids=ids))
@@ -293,14 +348,19 @@ def test_module_selection_and_trainable_biases_are_peft_s(options):
 
 def test_a_single_plain_name_means_that_module():
     model = get_monteclora_model(tiny_llama(), MonteCLoRAConfig(r=2, target_modules="q_proj"))
-    assert adapted_names(model) == {"base_model.model.model.layers.0.self_attn.q_proj", "base_model.model.model.layers.1.self_attn.q_proj"}
+    assert adapted_names(model) == {
+        "base_model.model.model.layers.0.self_attn.q_proj",
+        "base_model.model.model.layers.1.self_attn.q_proj",
+    }
 
 
 def test_a_target_that_matches_nothing_is_named():
     with pytest.raises(ValueError, match=r"^target_modules: 'v_prj' matched no module$"):
         get_monteclora_model(tiny_llama(), MonteCLoRAConfig(r=2, target_modules=["q_proj", "v_prj"]))
     with pytest.raises(ValueError, match=r"target_modules: 'q_proj', .* matched no module \(the default"):
-        get_monteclora_model(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)), MonteCLoRAConfig())
+        get_monteclora_model(
+            GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)), MonteCLoRAConfig()
+        )
 
 
 INITS = [
@@ -327,9 +387,15 @@ def test_every_non_default_init_is_peft_s_exactly(init, extra):
     torch.manual_seed(5)
     model = get_monteclora_model(tiny_llama(), config)
     if init == "eva":  # EVA's data pass, peft's own function, on both
-        batches = [{"input_ids": torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(i))} for i in range(4)]
+        batches = [
+            {"input_ids": torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(i))} for i in range(4)
+        ]
         for each in (plain, model):
-            initialize_lora_eva_weights(each, [dict(b, attention_mask=torch.ones_like(b["input_ids"])) for b in batches], show_progress_bar=False)
+            initialize_lora_eva_weights(
+                each,
+                [dict(b, attention_mask=torch.ones_like(b["input_ids"])) for b in batches],
+                show_progress_bar=False,
+            )
     reference = plain.state_dict()
     state = model.state_dict()
     assert all(torch.equal(state[key], reference[key]) for key in reference)  # A, B and (pissa, olora, loftq) the base
@@ -375,7 +441,9 @@ def test_named_adapters_switch_disable_keep_their_own_noise_and_reload_exactly(t
     base = tiny_llama()
     ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
     # init_lora_weights=False: B is not zero, so each adapter changes the output at once
-    model = get_monteclora_model(copy.deepcopy(base), MonteCLoRAConfig(r=4, seed=1, sample_scaler=0.5, init_lora_weights=False), "a")
+    model = get_monteclora_model(
+        copy.deepcopy(base), MonteCLoRAConfig(r=4, seed=1, sample_scaler=0.5, init_lora_weights=False), "a"
+    )
     second = MonteCLoRAConfig(r=2, seed=2, target_modules=["q_proj"], sample_scaler=0.5, init_lora_weights=False)
     model = get_monteclora_model(model, second, "b")
     assert set(monteclora_engines(model)) == {"a", "b"}

@@ -28,6 +28,7 @@ from monte_ds.train.config import validate_config
 from monte_ds.train.run import main
 from tests.conftest import sigkill_when
 
+
 pytestmark = pytest.mark.slow
 
 NAME = "smollm2-135m-instruct"
@@ -155,7 +156,9 @@ def runs(prepared, tmp_path_factory):
     def run(quantization: str) -> Path:
         if quantization not in done:
             directory = tmp_path_factory.mktemp(f"real-{quantization}")
-            evaluation = {"suites": ["commonsense"], "data_dir": "bundled:eval", "limit": 4} if quantization == "none" else {}
+            evaluation = (
+                {"suites": ["commonsense"], "data_dir": "bundled:eval", "limit": 4} if quantization == "none" else {}
+            )
             config = write_config(directory, prepared, quantization, **evaluation)
             assert run_cli(main, ["--config", str(config)]) == 0
             done[quantization] = directory
@@ -167,7 +170,9 @@ def runs(prepared, tmp_path_factory):
 def load_base(prepared: Path, quantization: str) -> torch.nn.Module:
     if quantization == "none":
         return AutoModelForCausalLM.from_pretrained(prepared, dtype=torch.float32)
-    return AutoModelForCausalLM.from_pretrained(prepared, dtype=torch.float32, quantization_config=NF4, device_map="cpu")
+    return AutoModelForCausalLM.from_pretrained(
+        prepared, dtype=torch.float32, quantization_config=NF4, device_map="cpu"
+    )
 
 
 def greedy(model: torch.nn.Module, tokenizer) -> list[int]:
@@ -175,7 +180,7 @@ def greedy(model: torch.nn.Module, tokenizer) -> list[int]:
     model.eval()
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    return out[0, ids["input_ids"].shape[1]:].tolist()
+    return out[0, ids["input_ids"].shape[1] :].tolist()
 
 
 @pytest.mark.parametrize("quantization", ["none", "nf4"])
@@ -189,7 +194,12 @@ def test_train_resume_and_the_exported_lora_on_the_real_base(runs, prepared, qua
     resumed = directory / "resumed"
     shutil.copytree(out / "checkpoint-2", resumed / "checkpoint-2")
     config = directory / "config.json"
-    assert run_cli(main, ["--config", str(config), "--set", f"training.output_dir={resumed}", "--set", "eval={}", "--resume"]) == 0
+    assert (
+        run_cli(
+            main, ["--config", str(config), "--set", f"training.output_dir={resumed}", "--set", "eval={}", "--resume"]
+        )
+        == 0
+    )
     expected, actual = step_logs(out), step_logs(resumed)
     for step in (3, 4):
         assert actual[step]["loss"] == expected[step]["loss"]
@@ -230,19 +240,45 @@ def test_the_humaneval_subset_on_the_real_base(prepared, tmp_path, monkeypatch):
     from monte_ds.evaluation import humaneval
 
     out = tmp_path / "humaneval"
-    args = ["--model", str(prepared), "--dtype", "float32", "--device", "cpu", "--suites", "humaneval",
-            "--allow-code-execution", "--humaneval-samples", "1", "--humaneval-temperature", "0",
-            "--limit", str(HUMANEVAL_SUBSET), "--max-gen-toks", "96", "--batch-size", "2", "--output", str(out)]
+    args = [
+        "--model",
+        str(prepared),
+        "--dtype",
+        "float32",
+        "--device",
+        "cpu",
+        "--suites",
+        "humaneval",
+        "--allow-code-execution",
+        "--humaneval-samples",
+        "1",
+        "--humaneval-temperature",
+        "0",
+        "--limit",
+        str(HUMANEVAL_SUBSET),
+        "--max-gen-toks",
+        "96",
+        "--batch-size",
+        "2",
+        "--output",
+        str(out),
+    ]
     assert run_cli(eval_cli.main, args) == 0
     report = json.loads((out / "report.json").read_text())
-    assert report["suites"]["humaneval"]["progress"] == {"humaneval": {"done": HUMANEVAL_SUBSET, "total": HUMANEVAL_SUBSET}}
+    assert report["suites"]["humaneval"]["progress"] == {
+        "humaneval": {"done": HUMANEVAL_SUBSET, "total": HUMANEVAL_SUBSET}
+    }
     assert report["lm_eval"]["n-samples"]["humaneval"]["effective"] == HUMANEVAL_SUBSET
     assert report["lm_eval"]["configs"]["humaneval"]["generation_kwargs"]["do_sample"] is False
     assert report["generation"]["humaneval"]["max_gen_toks"] == 96
     pass_at_1 = report["lm_eval"]["results"]["humaneval"]["pass@1,all-samples"]
 
     # The score is the executed completions': run each stored completion against its tests again
-    samples = [s for path in sorted((out / "progress" / "humaneval").glob("*.json")) for s in json.loads(path.read_text())["samples"]]
+    samples = [
+        s
+        for path in sorted((out / "progress" / "humaneval").glob("*.json"))
+        for s in json.loads(path.read_text())["samples"]
+    ]
     assert sorted(s["doc_id"] for s in samples) == list(range(HUMANEVAL_SUBSET))
     passed, completions = [], []
     for sample in samples:
@@ -258,4 +294,7 @@ def test_the_humaneval_subset_on_the_real_base(prepared, tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(HFLM, "generate_until", lambda self, requests, disable_tqdm=False: calls.append(requests))
     assert run_cli(eval_cli.main, args) == 0
-    assert calls == [] and json.loads((out / "report.json").read_text())["lm_eval"]["results"] == report["lm_eval"]["results"]
+    assert (
+        calls == []
+        and json.loads((out / "report.json").read_text())["lm_eval"]["results"] == report["lm_eval"]["results"]
+    )

@@ -13,6 +13,7 @@ from monte_ds import MonteCLoRAConfig, get_monteclora_model, load_sampler_state,
 from monte_ds.monteclora.math import STREAM_TRAIN
 from monte_ds.monteclora.sampler import resolve_mode
 
+
 CPU = torch.device("cpu")
 
 

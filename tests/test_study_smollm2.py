@@ -18,6 +18,7 @@ import pytest
 
 from monte_ds.train.config import read_config, validate_config
 
+
 REPO = Path(__file__).resolve().parents[1]
 STUDY = REPO / "studies" / "smollm2-robustness"
 

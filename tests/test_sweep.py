@@ -29,6 +29,7 @@ from monte_ds.sweep.report import build_sweep_report, pooled_bins, summarize_swe
 from monte_ds.sweep.stats import effect_size, minimum_detectable_effect, paired_test, summarize
 from monte_ds.train.checkpoints import mark_complete
 
+
 # --- statistics -----------------------------------------------------------------------------
 
 
@@ -153,7 +154,10 @@ def test_the_minimum_detectable_effect_has_its_stated_power():
 
 
 def test_grid_expands_every_method_point_and_seed_with_matched_pairs():
-    axes = [parse_grid_axis("training.learning_rate=3e-4,3e-5"), parse_grid_axis("training.per_device_train_batch_size=8,16,32")]
+    axes = [
+        parse_grid_axis("training.learning_rate=3e-4,3e-5"),
+        parse_grid_axis("training.per_device_train_batch_size=8,16,32"),
+    ]
     runs = expand(axes, ["lora", "monteclora"], [0, 1])
     assert len(runs) == 2 * 3 * 2 * 2 and len({run.run_id for run in runs}) == len(runs)
     assert runs[0].run_id == "lora/learning_rate=3e-4__per_device_train_batch_size=8__seed=0"
@@ -165,11 +169,19 @@ def test_grid_expands_every_method_point_and_seed_with_matched_pairs():
 def test_train_command_sets_the_point_method_seed_and_output(tmp_path):
     axes = [GridAxis("training.learning_rate", ("1e-3",)), GridAxis("adapter.r", ("4",))]
     (run,) = expand(axes, ["monteclora"], [7])
-    command = train_command(["monte-ds", "train"], tmp_path / "base.json", [("training.max_steps", "5")], run, tmp_path / "out")
+    command = train_command(
+        ["monte-ds", "train"], tmp_path / "base.json", [("training.max_steps", "5")], run, tmp_path / "out"
+    )
     sets = [command[i + 1] for i, arg in enumerate(command) if arg == "--set"]
     assert command[:4] == ["monte-ds", "train", "--config", str(tmp_path / "base.json")]
-    assert sets == ["training.max_steps=5", "training.learning_rate=1e-3", "adapter.r=4", "adapter.method=monteclora",
-                    "training.seed=7", f"training.output_dir={tmp_path / 'out'}"]
+    assert sets == [
+        "training.max_steps=5",
+        "training.learning_rate=1e-3",
+        "adapter.r=4",
+        "adapter.method=monteclora",
+        "training.seed=7",
+        f"training.output_dir={tmp_path / 'out'}",
+    ]
 
 
 def test_ambiguous_axis_names_use_the_whole_key():
@@ -221,11 +233,29 @@ def fake_train(tmp_path) -> tuple[str, Path]:
     """(--launcher value, file listing every launched output dir)."""
     script, calls, template = tmp_path / "fake_train.py", tmp_path / "calls.txt", tmp_path / "report.json"
     script.write_text(FAKE_TRAIN)
-    template.write_text(json.dumps(build_report(
-        {"results": {"gsm8k": {"alias": "gsm8k", "exact_match,strict-match": 0.0, "exact_match_stderr,strict-match": 0.0}},
-         "higher_is_better": {"gsm8k": {"exact_match": True}}},
-        calibration={}, predictive=None, options={}, metadata={}, figure_files=[], suites={}, generation={},
-    )))
+    template.write_text(
+        json.dumps(
+            build_report(
+                {
+                    "results": {
+                        "gsm8k": {
+                            "alias": "gsm8k",
+                            "exact_match,strict-match": 0.0,
+                            "exact_match_stderr,strict-match": 0.0,
+                        }
+                    },
+                    "higher_is_better": {"gsm8k": {"exact_match": True}},
+                },
+                calibration={},
+                predictive=None,
+                options={},
+                metadata={},
+                figure_files=[],
+                suites={},
+                generation={},
+            )
+        )
+    )
     calls.touch()
     return shlex.join([sys.executable, str(script), str(calls), str(template)]), calls
 
@@ -238,8 +268,19 @@ def base_config(tmp_path) -> Path:
 
 
 def sweep_args(config: Path, output: Path, launcher: str, lrs: str = "0.1,0.2,crash,nan") -> list[str]:
-    return ["sweep", "--config", str(config), "--grid", f"training.learning_rate={lrs}",
-            "--grid", "training.per_device_train_batch_size=1,2", "--output", str(output), "--launcher", launcher]
+    return [
+        "sweep",
+        "--config",
+        str(config),
+        "--grid",
+        f"training.learning_rate={lrs}",
+        "--grid",
+        "training.per_device_train_batch_size=1,2",
+        "--output",
+        str(output),
+        "--launcher",
+        launcher,
+    ]
 
 
 def test_plan_only_prints_one_command_per_run_and_runs_nothing(tmp_path, base_config, fake_train, capsys):
@@ -251,8 +292,16 @@ def test_plan_only_prints_one_command_per_run_and_runs_nothing(tmp_path, base_co
     assert all(command[: len(shlex.split(launcher))] == shlex.split(launcher) for command in commands)
     run_dir = output / "runs" / "monteclora" / "learning_rate=nan__per_device_train_batch_size=2__seed=1"
     (command,) = [c for c in commands if f"training.output_dir={run_dir}" in c]
-    assert command[-10:-2] == ["--set", "training.learning_rate=nan", "--set", "training.per_device_train_batch_size=2",
-                               "--set", "adapter.method=monteclora", "--set", "training.seed=1"]
+    assert command[-10:-2] == [
+        "--set",
+        "training.learning_rate=nan",
+        "--set",
+        "training.per_device_train_batch_size=2",
+        "--set",
+        "adapter.method=monteclora",
+        "--set",
+        "training.seed=1",
+    ]
     assert command[command.index("--config") + 1] == str(base_config)
     assert not output.exists() and calls.read_text() == ""
 
@@ -275,9 +324,15 @@ def test_sweep_records_failures_writes_the_report_and_restarts_only_unfinished_r
     assert len(calls.read_text().splitlines()) == 16
 
     report = json.loads((output / "sweep.json").read_text())
-    assert report["counts"] == {m: {"completed": 4, "diverged": 2, "failed": 2, "pending": 0} for m in ("lora", "monteclora")}
+    assert report["counts"] == {
+        m: {"completed": 4, "diverged": 2, "failed": 2, "pending": 0} for m in ("lora", "monteclora")
+    }
     (section,) = report["metrics"]
-    assert (section["task"], section["metric"], section["higher_is_better"]) == ("gsm8k", "exact_match,strict-match", True)
+    assert (section["task"], section["metric"], section["higher_is_better"]) == (
+        "gsm8k",
+        "exact_match,strict-match",
+        True,
+    )
     lora = section["methods"]["lora"]
     # Finished scores lr*bs: 0.1, 0.2, 0.2, 0.4; four failed runs rank below them.
     assert (lora["n"], lora["n_failed"], lora["best"]) == (8, 4, pytest.approx(0.4))
@@ -306,8 +361,11 @@ def test_sweep_records_failures_writes_the_report_and_restarts_only_unfinished_r
     calls.write_text("")
     assert monte_ds(sweep_args(base_config, output, launcher)) == 0
     relaunched = [str(Path(line).relative_to(output / "runs")) for line in calls.read_text().splitlines()]
-    assert relaunched == [f"{method}/learning_rate=crash__per_device_train_batch_size={bs}__seed=0"
-                          for method in ("lora", "monteclora") for bs in (1, 2)]
+    assert relaunched == [
+        f"{method}/learning_rate=crash__per_device_train_batch_size={bs}__seed=0"
+        for method in ("lora", "monteclora")
+        for bs in (1, 2)
+    ]
 
 
 @pytest.mark.parametrize(
@@ -368,18 +426,27 @@ def test_pairs_first_trains_every_method_of_a_point_before_the_next(tmp_path, ba
     output = tmp_path / "sweep"
     args = [*sweep_args(base_config, output, launcher, lrs="0.1,0.2"), "--seeds", "0,1", "--pairs-first"]
     assert monte_ds([*args, "--plan-only"]) == 0
-    planned = [next(a.split("=", 1)[1] for a in shlex.split(line) if a.startswith("training.output_dir="))
-               for line in capsys.readouterr().out.splitlines()]
+    planned = [
+        next(a.split("=", 1)[1] for a in shlex.split(line) if a.startswith("training.output_dir="))
+        for line in capsys.readouterr().out.splitlines()
+    ]
     assert monte_ds(args) == 0
     trained = calls.read_text().splitlines()
     assert trained == planned and len(trained) == 16
     names = [str(Path(line).relative_to(output / "runs")) for line in trained]
-    expected = [f"{method}/learning_rate={lr}__per_device_train_batch_size={bs}__seed={seed}"
-                for seed in (0, 1) for lr in ("0.1", "0.2") for bs in (1, 2) for method in ("lora", "monteclora")]
+    expected = [
+        f"{method}/learning_rate={lr}__per_device_train_batch_size={bs}__seed={seed}"
+        for seed in (0, 1)
+        for lr in ("0.1", "0.2")
+        for bs in (1, 2)
+        for method in ("lora", "monteclora")
+    ]
     assert names == expected
     report = json.loads((output / "sweep.json").read_text())
     assert [run["run_id"] for run in report["runs"]][:2] == [  # the report keeps the method-by-method order
-        "lora/learning_rate=0.1__per_device_train_batch_size=1__seed=0", "lora/learning_rate=0.1__per_device_train_batch_size=1__seed=1"]
+        "lora/learning_rate=0.1__per_device_train_batch_size=1__seed=0",
+        "lora/learning_rate=0.1__per_device_train_batch_size=1__seed=1",
+    ]
 
 
 def test_report_only_leaves_unfinished_runs_pending(tmp_path, base_config, fake_train):
@@ -387,7 +454,10 @@ def test_report_only_leaves_unfinished_runs_pending(tmp_path, base_config, fake_
     output = tmp_path / "sweep"
     assert monte_ds([*sweep_args(base_config, output, launcher, lrs="0.1,0.2"), "--methods", "lora"]) == 0
     calls.write_text("")
-    assert monte_ds([*sweep_args(base_config, output, launcher, lrs="0.1,0.2,0.3"), "--methods", "lora", "--report-only"]) == 0
+    assert (
+        monte_ds([*sweep_args(base_config, output, launcher, lrs="0.1,0.2,0.3"), "--methods", "lora", "--report-only"])
+        == 0
+    )
     report = json.loads((output / "sweep.json").read_text())
     assert calls.read_text() == ""
     assert report["counts"]["lora"] == {"completed": 4, "diverged": 0, "failed": 0, "pending": 2}
@@ -404,7 +474,18 @@ def test_a_restart_with_another_base_config_is_refused(tmp_path, base_config, fa
     launcher, _ = fake_train
     output = tmp_path / "sweep"
     assert monte_ds([*sweep_args(base_config, output, launcher, lrs="0.1"), "--methods", "lora"]) == 0
-    assert monte_ds([*sweep_args(base_config, output, launcher, lrs="0.1"), "--methods", "lora", "--set", "training.max_steps=9"]) == 2
+    assert (
+        monte_ds(
+            [
+                *sweep_args(base_config, output, launcher, lrs="0.1"),
+                "--methods",
+                "lora",
+                "--set",
+                "training.max_steps=9",
+            ]
+        )
+        == 2
+    )
     assert "--output" in capsys.readouterr().err
 
 
@@ -421,7 +502,10 @@ def test_a_restart_with_another_base_config_is_refused(tmp_path, base_config, fa
         (["--set-for", "monteclora:eval.limit"], "--set-for: expected key.path=value"),
         (["--set-for", "lora:training.seed=3"], "--set-for: training.seed is set by the sweep"),
         (["--set-for", "lora:training.learning_rate=1"], "--set-for: training.learning_rate is given more than once"),
-        (["--set-for", "lora:eval.limit=1", "--set-for", "lora:eval.limit=2"], "eval.limit is given more than once for lora"),
+        (
+            ["--set-for", "lora:eval.limit=1", "--set-for", "lora:eval.limit=2"],
+            "eval.limit is given more than once for lora",
+        ),
     ],
 )
 def test_bad_flags_are_one_line_user_errors(tmp_path, base_config, fake_train, capsys, extra, message):
@@ -443,7 +527,9 @@ def _record_files(record: Path) -> set[str]:
     return {str(path.relative_to(record)) for path in record.rglob("*") if path.is_file()}
 
 
-def test_a_record_keeps_the_small_files_of_finished_runs_and_survives_a_lost_output(tmp_path, base_config, fake_train, capsys):
+def test_a_record_keeps_the_small_files_of_finished_runs_and_survives_a_lost_output(
+    tmp_path, base_config, fake_train, capsys
+):
     launcher, calls = fake_train
     output, record = tmp_path / "outputs" / "sweep", tmp_path / "docs" / "record"
     args = [*sweep_args(base_config, output, launcher, lrs="0.1,crash,nan"), "--record", str(record)]
@@ -458,7 +544,9 @@ def test_a_record_keeps_the_small_files_of_finished_runs_and_survives_a_lost_out
     for method in ("lora", "monteclora"):
         for bs in (1, 2):
             point = f"runs/{method}/learning_rate={{}}__per_device_train_batch_size={bs}__seed=0"
-            assert {f"{point.format('0.1')}/{name}" for name in ("config.json", "metrics.json", "report/report.json")} <= files
+            assert {
+                f"{point.format('0.1')}/{name}" for name in ("config.json", "metrics.json", "report/report.json")
+            } <= files
             assert {f"{point.format('nan')}/{name}" for name in ("config.json", "metrics.json")} <= files  # diverged
             assert not any(name.startswith(point.format("crash")) for name in files)  # crashed: tried again
     assert json.loads((record / "settings.json").read_text()) == json.loads((output / "settings.json").read_text())
@@ -467,6 +555,7 @@ def test_a_record_keeps_the_small_files_of_finished_runs_and_survives_a_lost_out
 
     # A fresh checkout: the outputs are gone, the record is there. Only the crashed runs are left to do.
     import shutil
+
     shutil.rmtree(tmp_path / "outputs")
     assert monte_ds([*args, "--plan-only"]) == 0
     planned = capsys.readouterr().out.splitlines()
@@ -475,18 +564,29 @@ def test_a_record_keeps_the_small_files_of_finished_runs_and_survives_a_lost_out
     after = json.loads((output / "sweep.json").read_text())
     # Crashes are not recorded (a restart tries them again): pending until then; every finished
     # run is reported with its recorded status and scores.
-    assert after["counts"] == {m: {"completed": 2, "diverged": 2, "failed": 0, "pending": 2} for m in ("lora", "monteclora")}
+    assert after["counts"] == {
+        m: {"completed": 2, "diverged": 2, "failed": 0, "pending": 2} for m in ("lora", "monteclora")
+    }
     finished = {run["run_id"]: (run["status"], run["scores"]) for run in before["runs"] if run["status"] != "failed"}
-    assert {run["run_id"]: (run["status"], run["scores"]) for run in after["runs"] if run["status"] != "pending"} == finished
+    assert {
+        run["run_id"]: (run["status"], run["scores"]) for run in after["runs"] if run["status"] != "pending"
+    } == finished
     assert {run["run_id"]: run["output_dir"] for run in after["runs"]}[done] == str(record / "runs" / done)
     assert after["record"] == str(record)
     calls.write_text("")
     assert monte_ds(args) == 0  # trains the crashed runs only; the recorded ones are skipped
     relaunched = sorted(str(Path(line).relative_to(output / "runs")) for line in calls.read_text().splitlines())
-    assert relaunched == sorted(f"{m}/learning_rate=crash__per_device_train_batch_size={bs}__seed=0"
-                                for m in ("lora", "monteclora") for bs in (1, 2))
+    assert relaunched == sorted(
+        f"{m}/learning_rate=crash__per_device_train_batch_size={bs}__seed=0"
+        for m in ("lora", "monteclora")
+        for bs in (1, 2)
+    )
     assert json.loads((output / "sweep.json").read_text())["counts"]["lora"] == {
-        "completed": 2, "diverged": 2, "failed": 2, "pending": 0}
+        "completed": 2,
+        "diverged": 2,
+        "failed": 2,
+        "pending": 0,
+    }
 
 
 def test_runs_finished_before_the_record_existed_are_recorded_without_training(tmp_path, base_config, fake_train):
@@ -536,7 +636,12 @@ def test_report_scores_reads_lm_eval_metrics_and_calibration():
             "higher_is_better": {"arc_easy": {"acc": True, "acc_norm": True}, "gsm8k": {"exact_match": True}},
         },
         calibration={"arc_easy": {"nll": 0.9, "nll_stderr": 0.02, "ece": 0.05}},
-        predictive=None, options={}, metadata={}, figure_files=[], suites={}, generation={},
+        predictive=None,
+        options={},
+        metadata={},
+        figure_files=[],
+        suites={},
+        generation={},
     )
     scores = report_scores(report)
     assert scores == {
@@ -579,7 +684,11 @@ def test_report_scores_reads_the_brier_score_and_the_posterior_predictive_metric
         {"results": {"piqa": {"acc,none": 0.6}}, "higher_is_better": {"piqa": {"acc": True}}},
         calibration=calibration,
         predictive={"piqa": {"acc": 0.65, "nll": 0.8, "ece": 0.03, "brier": 0.35}},
-        options={"predictive_samples": 10}, metadata={}, figure_files=[], suites={}, generation={},
+        options={"predictive_samples": 10},
+        metadata={},
+        figure_files=[],
+        suites={},
+        generation={},
     )
     assert report_scores(report) == {
         Metric("piqa", "acc,none", True): 0.6,
@@ -615,8 +724,10 @@ def test_methods_without_a_posterior_enter_predictive_metrics_with_their_one_pre
 
 def _bins(*cells: tuple[int, float, float]) -> list[dict]:
     """Two equal-width bins from (count, accuracy, confidence)."""
-    return [{"lower": lo, "upper": lo + 0.5, "count": n, "accuracy": a if n else None, "confidence": c if n else None}
-            for lo, (n, a, c) in zip((0.0, 0.5), cells)]
+    return [
+        {"lower": lo, "upper": lo + 0.5, "count": n, "accuracy": a if n else None, "confidence": c if n else None}
+        for lo, (n, a, c) in zip((0.0, 0.5), cells)
+    ]
 
 
 def test_the_reliability_bins_are_pooled_over_runs_by_count():
@@ -629,28 +740,45 @@ def test_the_reliability_bins_are_pooled_over_runs_by_count():
 
 def test_the_report_has_a_calibration_table_and_a_pooled_reliability_diagram_per_task(tmp_path):
     runs = [Run(method, seed, (), f"{method}/seed={seed}") for method in ("lora", "monteclora") for seed in (0, 1)]
-    acc, nll, ece, brier = (Metric("mc", "acc,none", True), Metric("mc", "nll", False), Metric("mc", "ece", False),
-                            Metric("mc", "brier", False))
+    acc, nll, ece, brier = (
+        Metric("mc", "acc,none", True),
+        Metric("mc", "nll", False),
+        Metric("mc", "ece", False),
+        Metric("mc", "brier", False),
+    )
     predictive = Metric("mc", "ece,predictive", False)
     outcomes = {
-        "lora/seed=0": Outcome("completed", {acc: 0.5, nll: 1.0, ece: 0.1, brier: 0.6},
-                               bins={("mc", False): _bins((2, 0.5, 0.4), (2, 1.0, 0.8))}),
-        "lora/seed=1": Outcome("completed", {acc: 0.5, nll: 1.2, ece: 0.2, brier: 0.7},
-                               bins={("mc", False): _bins((0, 0, 0), (4, 0.5, 0.9))}),
-        "monteclora/seed=0": Outcome("completed", {acc: 0.75, nll: 0.9, ece: 0.05, brier: 0.5, predictive: 0.04},
-                                     bins={("mc", False): _bins((4, 0.75, 0.7), (0, 0, 0)),
-                                           ("mc", True): _bins((4, 0.75, 0.72), (0, 0, 0))}),
+        "lora/seed=0": Outcome(
+            "completed",
+            {acc: 0.5, nll: 1.0, ece: 0.1, brier: 0.6},
+            bins={("mc", False): _bins((2, 0.5, 0.4), (2, 1.0, 0.8))},
+        ),
+        "lora/seed=1": Outcome(
+            "completed",
+            {acc: 0.5, nll: 1.2, ece: 0.2, brier: 0.7},
+            bins={("mc", False): _bins((0, 0, 0), (4, 0.5, 0.9))},
+        ),
+        "monteclora/seed=0": Outcome(
+            "completed",
+            {acc: 0.75, nll: 0.9, ece: 0.05, brier: 0.5, predictive: 0.04},
+            bins={("mc", False): _bins((4, 0.75, 0.7), (0, 0, 0)), ("mc", True): _bins((4, 0.75, 0.72), (0, 0, 0))},
+        ),
         "monteclora/seed=1": Outcome("failed", detail="exit code 1"),
     }
-    report = build_sweep_report({"command": "monte-ds sweep"}, runs, outcomes, ["lora", "monteclora"],
-                                {run.run_id: tmp_path for run in runs})
+    report = build_sweep_report(
+        {"command": "monte-ds sweep"}, runs, outcomes, ["lora", "monteclora"], {run.run_id: tmp_path for run in runs}
+    )
     (section,) = report["calibration"]
     series = {entry["label"]: entry for entry in section["series"]}
     assert list(series) == ["lora", "monteclora", "monteclora (predictive)"]
     assert (series["lora"]["runs"], series["lora"]["items"]) == (2, 8)
     assert series["lora"]["pooled_ece"] == pytest.approx(2 / 8 * 0.1 + 6 / 8 * abs(4 / 6 - 5.2 / 6))
-    assert series["lora"]["medians"] == {"acc": 0.5, "NLL": pytest.approx(1.1), "ECE": pytest.approx(0.15),
-                                         "Brier": pytest.approx(0.65)}
+    assert series["lora"]["medians"] == {
+        "acc": 0.5,
+        "NLL": pytest.approx(1.1),
+        "ECE": pytest.approx(0.15),
+        "Brier": pytest.approx(0.65),
+    }
     # MonteCLoRA's failed run has no bins but counts in the medians: half failed, the median is a failure.
     assert series["monteclora"]["runs"] == 1 and series["monteclora"]["medians"]["acc"] == -math.inf
     assert series["monteclora (predictive)"]["pooled_ece"] == pytest.approx(0.03)

@@ -14,11 +14,21 @@ import pytest
 
 from monte_ds.cli import main as monte_ds
 
+
 REPO = Path(__file__).resolve().parents[1]
 PROBLEMS = [
-    ("Mia has 3 apples. She buys 2 more apples. How many apples does Mia have now?", "Mia has 3 + 2 = 5 apples now.\n#### 5"),
-    ("Leo has 9 coins. He gives 4 coins to Ava. How many coins does Leo have left?", "Leo has 9 - 4 = 5 coins left.\n#### 5"),
-    ("Sam has 2 boxes. Each box holds 6 eggs. How many eggs does Sam have in total?", "Sam has 2 * 6 = 12 eggs in total.\n#### 12"),
+    (
+        "Mia has 3 apples. She buys 2 more apples. How many apples does Mia have now?",
+        "Mia has 3 + 2 = 5 apples now.\n#### 5",
+    ),
+    (
+        "Leo has 9 coins. He gives 4 coins to Ava. How many coins does Leo have left?",
+        "Leo has 9 - 4 = 5 coins left.\n#### 5",
+    ),
+    (
+        "Sam has 2 boxes. Each box holds 6 eggs. How many eggs does Sam have in total?",
+        "Sam has 2 * 6 = 12 eggs in total.\n#### 12",
+    ),
 ]
 
 
@@ -26,19 +36,36 @@ def tiny_sweep_args(tmp_path: Path, config: Path, learning_rates: str, methods: 
     """A sweep of configs/tiny.json-like runs: 4 steps, gsm8k on three local problems."""
     data_dir = tmp_path / "eval-data"
     (data_dir / "gsm8k").mkdir(parents=True)
-    (data_dir / "gsm8k" / "test.jsonl").write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in PROBLEMS))
+    (data_dir / "gsm8k" / "test.jsonl").write_text(
+        "".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in PROBLEMS)
+    )
     evaluation = {"suites": ["gsm8k"], "data_dir": str(data_dir), "num_fewshot": 0, "max_gen_toks": 8, "batch_size": 4}
     return [
-        "sweep", "--config", str(config),
-        "--grid", f"training.learning_rate={learning_rates}", "--methods", methods, "--output", str(tmp_path / "sweep"),
-        "--set", f"model.path={tmp_path / 'tiny-llama'}",
-        "--set", "data.max_samples=64",
-        "--set", "training.max_steps=4",
-        "--set", "training.per_device_train_batch_size=4",
-        "--set", "training.warmup_steps=0",
-        "--set", "training.logging_steps=1",
-        "--set", "training.report_to=[]",
-        "--set", f"eval={json.dumps(evaluation)}",
+        "sweep",
+        "--config",
+        str(config),
+        "--grid",
+        f"training.learning_rate={learning_rates}",
+        "--methods",
+        methods,
+        "--output",
+        str(tmp_path / "sweep"),
+        "--set",
+        f"model.path={tmp_path / 'tiny-llama'}",
+        "--set",
+        "data.max_samples=64",
+        "--set",
+        "training.max_steps=4",
+        "--set",
+        "training.per_device_train_batch_size=4",
+        "--set",
+        "training.warmup_steps=0",
+        "--set",
+        "training.logging_steps=1",
+        "--set",
+        "training.report_to=[]",
+        "--set",
+        f"eval={json.dumps(evaluation)}",
     ]
 
 
@@ -49,13 +76,17 @@ def test_a_tiny_sweep_through_the_training_cli(tmp_path):
     assert monte_ds(args) == 0
 
     report = json.loads((output / "sweep.json").read_text())
-    assert report["counts"] == {m: {"completed": 1, "diverged": 1, "failed": 0, "pending": 0} for m in ("lora", "monteclora")}
+    assert report["counts"] == {
+        m: {"completed": 1, "diverged": 1, "failed": 0, "pending": 0} for m in ("lora", "monteclora")
+    }
     sections = {(s["task"], s["metric"]): s for s in report["metrics"]}
     assert set(sections) == {("gsm8k", "exact_match,strict-match"), ("gsm8k", "exact_match,flexible-extract")}
     for run in report["runs"]:
         run_dir = Path(run["output_dir"])
         metrics = json.loads((run_dir / "metrics.json").read_text())
-        assert run["status"] == metrics["status"] == ("completed" if "learning_rate=1e-3" in run["run_id"] else "diverged")
+        assert (
+            run["status"] == metrics["status"] == ("completed" if "learning_rate=1e-3" in run["run_id"] else "diverged")
+        )
         assert json.loads((run_dir / "config.json").read_text())["adapter"]["method"] == run["method"]
         if run["status"] == "completed":
             results = json.loads((run_dir / "report" / "report.json").read_text())["lm_eval"]["results"]["gsm8k"]
@@ -85,7 +116,9 @@ def test_a_sweep_against_a_baseline_that_is_not_lora(tmp_path):
     assert monte_ds(tiny_sweep_args(tmp_path, base, "1e-3", "ia3,monteclora")) == 0
 
     report = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
-    assert report["counts"] == {m: {"completed": 1, "diverged": 0, "failed": 0, "pending": 0} for m in ("ia3", "monteclora")}
+    assert report["counts"] == {
+        m: {"completed": 1, "diverged": 0, "failed": 0, "pending": 0} for m in ("ia3", "monteclora")
+    }
     for section in report["metrics"]:
         (comparison,) = section["comparisons"]
         assert (comparison["a"], comparison["b"], comparison["n_pairs"]) == ("monteclora", "ia3", 1)

@@ -26,6 +26,7 @@ from monte_ds.train.data import (
     prepare_dataset,
 )
 
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.json"
 
@@ -53,7 +54,10 @@ def write_config(tmp_path: Path, raw: dict) -> Path:
         ("training.max_steps=1.5", "training.max_steps: expected integer, got 1.5"),
         ("training.optim=adamw_torh", "(did you mean 'adamw_torch'?)"),
         ("training.deepspeed={}", "training.deepspeed: not set here; set it in distributed.deepspeed"),
-        ("training.resume_from_checkpoint=true", "training.resume_from_checkpoint: not set here; use the --resume flag"),
+        (
+            "training.resume_from_checkpoint=true",
+            "training.resume_from_checkpoint: not set here; use the --resume flag",
+        ),
         ("training.eval_strategy=steps", "training.eval_strategy: there is no evaluation set during training"),
         ("training.label_smoothing_factor=0.1", "training.label_smoothing_factor: not supported with MonteCLoRA"),
         ("adapter.r=0", "adapter.r: must be >= 1, got 0"),
@@ -69,7 +73,10 @@ def write_config(tmp_path: Path, raw: dict) -> Path:
         ("data.path=bundled:missing.jsonl", "data.path: no bundled file 'missing.jsonl'"),
         ("data.format=template", "data.prompt_template: set it exactly when data.format is 'template'"),
         ("distributed.deepspeed=./missing.json", "distributed.deepspeed: no such file: ./missing.json"),
-        ('distributed.deepspeed={"optimizer": {"type": "AdamW"}}', "distributed.deepspeed.optimizer: leave the optimizer"),
+        (
+            'distributed.deepspeed={"optimizer": {"type": "AdamW"}}',
+            "distributed.deepspeed.optimizer: leave the optimizer",
+        ),
         ("eval.limit=0", "eval.limit: 0 is less than the minimum of 1"),
         ("eval.suite=gsm8k", "eval.suite: unknown key (did you mean 'suites'?)"),
         ("colour=blue", "colour: unknown key"),
@@ -101,7 +108,9 @@ def test_missing_config_file_and_invalid_json_are_user_errors(tmp_path):
 
 def test_training_values_trainingarguments_rejects_are_user_errors(tmp_path, tiny_raw):
     config = load_config(write_config(tmp_path, tiny_raw), ["training.load_best_model_at_end=true"])
-    with pytest.raises(UserError, match="^training: .*load_best_model_at_end requires the save and eval strategy to match"):
+    with pytest.raises(
+        UserError, match="^training: .*load_best_model_at_end requires the save and eval strategy to match"
+    ):
         training_arguments(config)
 
 
@@ -160,7 +169,11 @@ def test_shipped_configs_validate(monkeypatch):
     monkeypatch.chdir(REPO)  # their DeepSpeed paths are relative to the repository root
     shipped = sorted((REPO / "configs").glob("*.json"))
     assert {p.name for p in shipped} >= {
-        "tiny.json", "llama7b.json", "llama7b-qlora.json", "llama7b-fsdp.json", "llama3.2-3b-gsm8k.json"
+        "tiny.json",
+        "llama7b.json",
+        "llama7b-qlora.json",
+        "llama7b-fsdp.json",
+        "llama3.2-3b-gsm8k.json",
     }
     for path in shipped:
         # The large configs train on data the user downloads (docs/training.md); the schema,
@@ -172,7 +185,10 @@ def test_shipped_configs_validate(monkeypatch):
         assert config.eval.get("suites") is None or isinstance(config.eval["suites"], list)
     llama = validate_config(read_config(REPO / "configs/llama7b.json", ["data.path=bundled:tiny_instruct.jsonl"]))
     assert (llama.adapter.r, llama.adapter.lora_alpha, llama.adapter.sample_scaler, llama.adapter.kl_weight) == (
-        32, 64, 5e-3, 1e-5
+        32,
+        64,
+        5e-3,
+        1e-5,
     )
     assert llama.adapter.n_components == 4 and llama.zero_stage == 3
     assert llama.training["max_length"] == 256 and llama.training["lr_scheduler_type"] == "linear"
@@ -240,7 +256,9 @@ def test_alpaca_records_become_prompt_completion_pairs():
 
 def test_template_format_builds_prompts_from_any_columns():
     data = records(question=["What is 2+2?"], answer=["#### 4"])
-    prepared = prepare_dataset(data, "template", prompt_template="Question: {question}\nAnswer: ", completion_column="answer")
+    prepared = prepare_dataset(
+        data, "template", prompt_template="Question: {question}\nAnswer: ", completion_column="answer"
+    )
     assert prepared[0] == {"prompt": "Question: What is 2+2?\nAnswer: ", "completion": "#### 4"}
     with pytest.raises(UserError, match=r"data.prompt_template: no column\(s\) \['query'\]"):
         prepare_dataset(data, "template", prompt_template="{query}", completion_column="answer")
@@ -249,7 +267,9 @@ def test_template_format_builds_prompts_from_any_columns():
 def test_forced_format_needs_its_columns_and_max_samples_selects_the_first():
     data = records(text=["a", "b", "c"])
     assert prepare_dataset(data, max_samples=2)["text"] == ["a", "b"]
-    with pytest.raises(UserError, match=r"data.format: 'prompt_completion' needs the column\(s\) \['prompt', 'completion'\]"):
+    with pytest.raises(
+        UserError, match=r"data.format: 'prompt_completion' needs the column\(s\) \['prompt', 'completion'\]"
+    ):
         prepare_dataset(data, "prompt_completion")
 
 
@@ -285,14 +305,24 @@ def test_reentrant_checkpointing_under_plain_ddp_is_refused_on_every_rank():
     from monte_ds.train.run import check_reentrant_checkpointing
 
     def args(**overrides):
-        values = dict(world_size=2, deepspeed=None, fsdp="", activation_checkpointing=True,
-                      activation_checkpointing_kwargs={"use_reentrant": True})
+        values = {
+            "world_size": 2,
+            "deepspeed": None,
+            "fsdp": "",
+            "activation_checkpointing": True,
+            "activation_checkpointing_kwargs": {"use_reentrant": True},
+        }
         return SimpleNamespace(**{**values, **overrides})
 
     with pytest.raises(UserError) as error:
         check_reentrant_checkpointing(args())
     assert str(error.value).startswith("training.activation_checkpointing_kwargs: reentrant activation checkpointing")
-    for fine in [dict(world_size=1), dict(deepspeed={"zero_optimization": {"stage": 3}}), dict(fsdp="full_shard"),
-                 dict(activation_checkpointing_kwargs={"use_reentrant": False}), dict(activation_checkpointing_kwargs=None),
-                 dict(activation_checkpointing=False)]:
+    for fine in [
+        {"world_size": 1},
+        {"deepspeed": {"zero_optimization": {"stage": 3}}},
+        {"fsdp": "full_shard"},
+        {"activation_checkpointing_kwargs": {"use_reentrant": False}},
+        {"activation_checkpointing_kwargs": None},
+        {"activation_checkpointing": False},
+    ]:
         check_reentrant_checkpointing(args(**fine))

@@ -19,13 +19,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from monte_ds import load_adapter, monteclora_losses, run_folder
 from monte_ds.errors import run_cli
+from monte_ds.monteclora.engine import REGULARISER_TERMS
 from monte_ds.train import checkpoints
 from monte_ds.train.config import load_config, training_arguments
 from monte_ds.train.data import dataset_texts, load_training_data, prepare_dataset
 from monte_ds.train.model import attach_adapter, ensure_tiny_model, load_base_model
 from monte_ds.train.run import main
-from monte_ds.monteclora.engine import REGULARISER_TERMS
 from monte_ds.train.trainer import MonteCLoRATrainer
+
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = "bundled:tiny_instruct.jsonl"
@@ -167,11 +168,17 @@ def test_qlora_keeps_monteclora_parameters_in_fp32(tmp_path, tiny_base):
 def test_activation_checkpointing_recomputes_with_the_same_noise(tmp_path, tiny_base, reentrant):
     """The recomputed forward must see the draw of the first one, or the gradients change."""
     runs = {}
-    for name, checkpointing in [("plain", {}), ("checkpointed", {
-        "activation_checkpointing": True, "activation_checkpointing_kwargs": {"use_reentrant": reentrant}
-    })]:
+    for name, checkpointing in [
+        ("plain", {}),
+        (
+            "checkpointed",
+            {"activation_checkpointing": True, "activation_checkpointing_kwargs": {"use_reentrant": reentrant}},
+        ),
+    ]:
         (tmp_path / name).mkdir()
-        config = write_config(tmp_path / name, tiny_base, training={"max_steps": 3, "save_strategy": "no", **checkpointing})
+        config = write_config(
+            tmp_path / name, tiny_base, training={"max_steps": 3, "save_strategy": "no", **checkpointing}
+        )
         assert train(config) == 0
         runs[name] = step_logs(tmp_path / name / "out")
     for step in (1, 2, 3):
@@ -256,7 +263,9 @@ def test_regulariser_is_scaled_like_the_task_loss_under_accumulation(tmp_path, t
     tokenizer = AutoTokenizer.from_pretrained(tiny_base)
 
     def build() -> PeftModel:
-        return attach_adapter(load_base_model(config, torch.device("cpu"), sharded=False), config, args.seed, False, None)
+        return attach_adapter(
+            load_base_model(config, torch.device("cpu"), sharded=False), config, args.seed, False, None
+        )
 
     grads: dict[str, torch.Tensor] = {}
 
@@ -297,14 +306,20 @@ def test_regulariser_is_scaled_like_the_task_loss_under_accumulation(tmp_path, t
 def test_checkpoints_rotate_once_complete_and_the_arguments_stay_as_given(tmp_path, tiny_base):
     """The trainer keeps `save_total_limit` complete checkpoints, rotating after the new one is
     marked complete, and leaves the arguments it was given untouched."""
-    config = load_config(write_config(
-        tmp_path, tiny_base, data={"max_samples": 4},
-        training={"max_steps": 3, "save_steps": 1, "save_total_limit": 2, "per_device_train_batch_size": 2},
-    ))
+    config = load_config(
+        write_config(
+            tmp_path,
+            tiny_base,
+            data={"max_samples": 4},
+            training={"max_steps": 3, "save_steps": 1, "save_total_limit": 2, "per_device_train_batch_size": 2},
+        )
+    )
     args = training_arguments(config)
     model = attach_adapter(load_base_model(config, torch.device("cpu"), sharded=False), config, args.seed, False, None)
     dataset = prepare_dataset(load_training_data(DATA), max_samples=4)
-    trainer = MonteCLoRATrainer(model=model, args=args, train_dataset=dataset, processing_class=AutoTokenizer.from_pretrained(tiny_base))
+    trainer = MonteCLoRATrainer(
+        model=model, args=args, train_dataset=dataset, processing_class=AutoTokenizer.from_pretrained(tiny_base)
+    )
     trainer.train()
     assert args.save_total_limit == 2
     out = config.output_dir

@@ -18,4 +18,13 @@ from monte_ds.evaluation.runner import (
     write_failed_report,
 )
 
-__all__ = ["EvalOptions", "EvalPlan", "evaluate", "plan_evaluation", "run_plan", "validate_options", "write_failed_report"]
+
+__all__ = [
+    "EvalOptions",
+    "EvalPlan",
+    "evaluate",
+    "plan_evaluation",
+    "run_plan",
+    "validate_options",
+    "write_failed_report",
+]

@@ -20,6 +20,7 @@ from lm_eval.api.metrics import mean_stderr
 from lm_eval.api.task import Task
 from scipy.special import softmax
 
+
 N_BINS = 10
 
 

@@ -42,6 +42,7 @@ from lm_eval.utils import handle_non_serializable
 
 from monte_ds.evaluation.options import EvalOptions
 
+
 logger = logging.getLogger(__name__)
 
 PROGRESS_DIR = "progress"
@@ -64,7 +65,7 @@ def planned_chunks(task: Task, opts: EvalOptions) -> list[tuple[int, ...]]:
     """The evaluated documents (lm-eval's `limit` honoured), split into consecutive chunks."""
     doc_ids = [doc_id for doc_id, _ in task.doc_iterator(limit=opts.limit)]
     size = chunk_size(opts, task)
-    return [tuple(doc_ids[start:start + size]) for start in range(0, len(doc_ids), size)]
+    return [tuple(doc_ids[start : start + size]) for start in range(0, len(doc_ids), size)]
 
 
 def model_digest(lm: HFLM) -> str:
@@ -116,11 +117,21 @@ class Chunk:
         return f"{PROGRESS_DIR}/{task}/{self.doc_ids[0]:06d}-{self.doc_ids[-1]:06d}.json"
 
     def to_json(self, task: str, fingerprint: str) -> str:
-        return json.dumps(
-            {"format": FORMAT_VERSION, "task": task, "fingerprint": fingerprint, "doc_ids": list(self.doc_ids),
-             "samples": self.samples, "truncated": self.truncated, "config": self.config},
-            default=handle_non_serializable,
-        ) + "\n"
+        return (
+            json.dumps(
+                {
+                    "format": FORMAT_VERSION,
+                    "task": task,
+                    "fingerprint": fingerprint,
+                    "doc_ids": list(self.doc_ids),
+                    "samples": self.samples,
+                    "truncated": self.truncated,
+                    "config": self.config,
+                },
+                default=handle_non_serializable,
+            )
+            + "\n"
+        )
 
 
 @dataclass
@@ -146,8 +157,10 @@ class TaskChunks:
         return all(ids in self.done for ids in self.planned)
 
     def add(self, doc_ids: tuple[int, ...], output: dict[str, Any], truncated: list[int]) -> None:
-        samples = [{key: sample[key] for key in (*SAMPLE_KEYS, *sample["metrics"]) if key in sample}
-                   for sample in output["samples"][self.name]]
+        samples = [
+            {key: sample[key] for key in (*SAMPLE_KEYS, *sample["metrics"]) if key in sample}
+            for sample in output["samples"][self.name]
+        ]
         # JSON round trip: what is aggregated now is exactly what a rerun reads back
         samples = json.loads(json.dumps(samples, default=handle_non_serializable))
         self.done[doc_ids] = Chunk(doc_ids, samples, truncated, _plain(output.get("config", {})))
@@ -176,8 +189,10 @@ class TaskChunks:
     def files(self) -> dict[str, Path | str]:
         """The chunk files for the report directory: a stored one by its path (linked, not
         rewritten), a new one as its text."""
-        return {chunk.relpath(self.name): chunk.source or chunk.to_json(self.name, self.fingerprint)
-                for chunk in self.done.values()}
+        return {
+            chunk.relpath(self.name): chunk.source or chunk.to_json(self.name, self.fingerprint)
+            for chunk in self.done.values()
+        }
 
     def stored_at(self, output_dir: Path) -> None:
         """The report now at `output_dir` holds every done chunk."""
@@ -216,8 +231,13 @@ def load_stored(chunks: TaskChunks, output_dir: Path) -> int:
         if chunks.done:
             break
     if chunks.done:
-        logger.info("%s: continuing from %d of %d documents stored in %s", chunks.name, chunks.documents_done,
-                    chunks.total, output_dir)
+        logger.info(
+            "%s: continuing from %d of %d documents stored in %s",
+            chunks.name,
+            chunks.documents_done,
+            chunks.total,
+            output_dir,
+        )
     return chunks.documents_done
 
 

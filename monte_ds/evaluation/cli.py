@@ -19,10 +19,11 @@ import torch
 
 from monte_ds import pretrained
 from monte_ds.errors import KeyedError
-from monte_ds.flags import ArgumentParser, flag
 from monte_ds.evaluation.loading import DTYPES, load_model, nf4_config
 from monte_ds.evaluation.options import EvalOptions
 from monte_ds.evaluation.runner import plan_evaluation, run_plan
+from monte_ds.flags import ArgumentParser, flag
+
 
 EXIT_SUITE_FAILED = 3
 OPTION_FIELDS = {f.name: f for f in dataclasses.fields(EvalOptions)}
@@ -35,17 +36,26 @@ def _comma_list(value: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(prog="monte-ds eval", description="Evaluate a causal LM (optionally with an adapter) and write a report.")
+    parser = ArgumentParser(
+        prog="monte-ds eval", description="Evaluate a causal LM (optionally with an adapter) and write a report."
+    )
     parser.add_argument("--model", required=True, help="base model: local path or hub id")
     parser.add_argument(
-        "--prepare", choices=sorted(pretrained.PACKAGED),
+        "--prepare",
+        choices=sorted(pretrained.PACKAGED),
         help="convert this packaged pretrained base to --model first, unless it is there (as model.prepare does)",
     )
     parser.add_argument("--gguf-file", help="a GGUF file inside --model, dequantised to --dtype on load")
     parser.add_argument("--adapter", help="monte-ds adapter (save_adapter) or plain peft adapter directory")
-    parser.add_argument("--load-in-4bit", action="store_true", help="quantize the base to nf4 (bitsandbytes, double quant)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="auto", help="weights dtype (auto: the checkpoint's)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument(
+        "--load-in-4bit", action="store_true", help="quantize the base to nf4 (bitsandbytes, double quant)"
+    )
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), default="auto", help="weights dtype (auto: the checkpoint's)"
+    )
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, ..."
+    )
     parser.add_argument("--output", required=True, help="report directory (replaced whole)")
     parser.add_argument("--training-log", help="JSON file with the Trainer's log_history (plots the training curves)")
     hints = typing.get_type_hints(EvalOptions)
@@ -93,6 +103,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"report: {args['output']} ({len(result['tasks'])} tasks)")
     if failed:
         listing = "; ".join(f"{name}: {error}" for name, error in failed.items())
-        print(f"monte-ds: error: {len(failed)} suite(s) failed, the others are in the report -- {listing}", file=sys.stderr)
+        print(
+            f"monte-ds: error: {len(failed)} suite(s) failed, the others are in the report -- {listing}",
+            file=sys.stderr,
+        )
         return EXIT_SUITE_FAILED
     return 0

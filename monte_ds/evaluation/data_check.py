@@ -17,6 +17,7 @@ from jinja2 import Environment, meta
 
 from monte_ds.errors import UserError
 
+
 PROMPT_KEYS = ("doc_to_text", "doc_to_target", "doc_to_choice")
 # Tasks whose prompts lm-eval functions build (no template to read the fields from): what they read.
 FUNCTION_FIELDS = {

@@ -31,6 +31,7 @@ from lm_eval.api.task import Task
 from monte_ds.atomic import atomic_write_text
 from monte_ds.evaluation.calibration import gold_index
 
+
 GSM8K_TASK = "synth_gsm8k"
 MC_TASK = "synth_mc"
 TASKS = (GSM8K_TASK, MC_TASK)
@@ -38,13 +39,40 @@ SPLITS = ("train", "test")
 N_CHOICES = 4
 
 NAMES = [
-    ("Mia", "she"), ("Leo", "he"), ("Ava", "she"), ("Sam", "he"), ("Zoe", "she"), ("Max", "he"),
-    ("Lily", "she"), ("Ben", "he"), ("Emma", "she"), ("Noah", "he"), ("Ella", "she"), ("Jack", "he"),
-    ("Ruby", "she"), ("Owen", "he"), ("Nora", "she"), ("Liam", "he"),
+    ("Mia", "she"),
+    ("Leo", "he"),
+    ("Ava", "she"),
+    ("Sam", "he"),
+    ("Zoe", "she"),
+    ("Max", "he"),
+    ("Lily", "she"),
+    ("Ben", "he"),
+    ("Emma", "she"),
+    ("Noah", "he"),
+    ("Ella", "she"),
+    ("Jack", "he"),
+    ("Ruby", "she"),
+    ("Owen", "he"),
+    ("Nora", "she"),
+    ("Liam", "he"),
 ]
 THINGS = [
-    "apples", "pencils", "marbles", "stickers", "books", "cookies", "coins", "shells",
-    "cards", "balloons", "eggs", "stamps", "oranges", "crayons", "buttons", "candles",
+    "apples",
+    "pencils",
+    "marbles",
+    "stickers",
+    "books",
+    "cookies",
+    "coins",
+    "shells",
+    "cards",
+    "balloons",
+    "eggs",
+    "stamps",
+    "oranges",
+    "crayons",
+    "buttons",
+    "candles",
 ]
 MAX_ADD = 50  # operands of + and -
 MAX_MUL = 12  # operands of * and the quotients of /
@@ -62,8 +90,15 @@ def _people(rng: random.Random) -> tuple[str, str, str]:
 def add_problem(rng: random.Random) -> Problem:
     name, pronoun, _ = _people(rng)
     thing, a, b = rng.choice(THINGS), rng.randint(2, MAX_ADD), rng.randint(2, MAX_ADD)
-    question = f"{name} has {a} {thing}. {pronoun.capitalize()} buys {b} more {thing}. How many {thing} does {name} have now?"
-    return question, [f"{name} has {a} + {b} = {a + b} {thing} now."], a + b, [a + b - 1, a + b + 1, abs(a - b), a + b + 10]
+    question = (
+        f"{name} has {a} {thing}. {pronoun.capitalize()} buys {b} more {thing}. How many {thing} does {name} have now?"
+    )
+    return (
+        question,
+        [f"{name} has {a} + {b} = {a + b} {thing} now."],
+        a + b,
+        [a + b - 1, a + b + 1, abs(a - b), a + b + 10],
+    )
 
 
 def subtract_problem(rng: random.Random) -> Problem:
@@ -78,7 +113,12 @@ def multiply_problem(rng: random.Random) -> Problem:
     name, _, _ = _people(rng)
     thing, a, b = rng.choice(THINGS), rng.randint(2, MAX_MUL), rng.randint(2, MAX_MUL)
     question = f"{name} has {a} boxes. Each box holds {b} {thing}. How many {thing} does {name} have in total?"
-    return question, [f"{name} has {a} * {b} = {a * b} {thing} in total."], a * b, [a * b - a, a * b + b, a + b, a * b + 1]
+    return (
+        question,
+        [f"{name} has {a} * {b} = {a * b} {thing} in total."],
+        a * b,
+        [a * b - a, a * b + b, a + b, a * b + 1],
+    )
 
 
 def divide_problem(rng: random.Random) -> Problem:
@@ -102,12 +142,19 @@ def two_step_problem(rng: random.Random) -> Problem:
         f"{name} has {a} {thing}. {pronoun.capitalize()} buys {b} more {thing} and then gives {c} {thing} "
         f"to {other}. How many {thing} does {name} have now?"
     )
-    reasoning = [f"After buying, {name} has {a} + {b} = {total} {thing}.", f"After giving, {name} has {total} - {c} = {left} {thing}."]
+    reasoning = [
+        f"After buying, {name} has {a} + {b} = {total} {thing}.",
+        f"After giving, {name} has {total} - {c} = {left} {thing}.",
+    ]
     return question, reasoning, left, [total, a + c - b if a + c > b else left + 2, left + 1, left - 1]
 
 
 KINDS: tuple[Callable[[random.Random], Problem], ...] = (
-    add_problem, subtract_problem, multiply_problem, divide_problem, two_step_problem,
+    add_problem,
+    subtract_problem,
+    multiply_problem,
+    divide_problem,
+    two_step_problem,
 )
 
 

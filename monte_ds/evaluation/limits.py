@@ -86,9 +86,13 @@ def apply_limits(tasks: dict[str, Task], limits: dict[str, GenerationLimit]) -> 
 def truncated_prompts(samples: Iterable[dict[str, Any]], lm: HFLM, limit: GenerationLimit) -> int:
     """How many of a task's documents had their prompt (with its few-shot examples) left-truncated
     by lm-eval. lm-eval logs a sample per document and filter: each document counts once."""
-    return len({
-        sample["doc_id"] for sample in samples if prompt_tokens(lm, sample["arguments"][0][0]) > limit.max_prompt_tokens
-    })
+    return len(
+        {
+            sample["doc_id"]
+            for sample in samples
+            if prompt_tokens(lm, sample["arguments"][0][0]) > limit.max_prompt_tokens
+        }
+    )
 
 
 def own_prompts(task: Task, lm: HFLM, opts: EvalOptions) -> Iterable[str]:

@@ -15,8 +15,9 @@ from peft.utils import CONFIG_NAME as PEFT_CONFIG
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
 
 from monte_ds import load_adapter, pretrained
-from monte_ds.errors import UserError
+from monte_ds.errors import UserError, first_line
 from monte_ds.monteclora.io import CONFIG_NAME as MONTECLORA_CONFIG
+
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ def load_model(
         else:
             tokenizer = pretrained.load_gguf_tokenizer(model, gguf_file)
     except OSError as err:
-        raise UserError(f"cannot load {model}: {err}".splitlines()[0], key="model") from None
+        raise UserError(f"cannot load {model}: {first_line(err)}", key="model") from None
     if kind == "monteclora":
         loaded = load_adapter(base, adapter)
     elif kind == "peft":

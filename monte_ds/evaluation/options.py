@@ -42,7 +42,8 @@ class EvalOptions:
     )
     humaneval_samples: int = _option(4, "sampled completions per HumanEval problem (n of pass@k)", minimum=1)
     humaneval_temperature: float = _option(
-        0.8, "HumanEval sampling temperature (top-p 0.95); 0: greedy decoding, one completion per problem (pass@1)",
+        0.8,
+        "HumanEval sampling temperature (top-p 0.95); 0: greedy decoding, one completion per problem (pass@1)",
         minimum=0,
     )
     max_gen_toks: int | None = _option(

@@ -12,6 +12,7 @@ from matplotlib.figure import Figure
 from monte_ds.errors import UserError
 from monte_ds.monteclora.engine import REGULARISER_TERMS
 
+
 # What the trainer logs and the report plots: the task loss and each regulariser term.
 TRAINING_SERIES = ("loss", *REGULARISER_TERMS)
 
@@ -47,7 +48,9 @@ def training_curves(history: list[dict[str, Any]]) -> Figure | None:
     return figure
 
 
-def reliability_diagram(calibrations: dict[str, dict[str, Any]], predictive: dict[str, dict[str, Any]] | None) -> Figure:
+def reliability_diagram(
+    calibrations: dict[str, dict[str, Any]], predictive: dict[str, dict[str, Any]] | None
+) -> Figure:
     """Per task: accuracy against confidence per bin, against the diagonal of perfect calibration."""
     figure, grid = _grid(len(calibrations), max_cols=4, panel_size=(3.4, 3.4))
     for axes, (task, calibration) in zip(grid, calibrations.items()):

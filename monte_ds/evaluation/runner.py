@@ -41,6 +41,7 @@ from monte_ds.evaluation.options import EvalOptions
 from monte_ds.evaluation.predictive import predictive_scores, require_monteclora
 from monte_ds.evaluation.tasks import expand_suites, is_multiple_choice, load_tasks, task_configs, task_manager
 
+
 logger = logging.getLogger(__name__)
 
 
@@ -88,7 +89,9 @@ def _resolve(options: Mapping[str, Any]) -> tuple[EvalOptions, TaskManager, dict
             "set humaneval_samples to 1",
             key="humaneval_samples",
         )
-    configs = task_configs(manager, names, opts.data_dir, opts.num_fewshot, opts.humaneval_samples, opts.humaneval_temperature)
+    configs = task_configs(
+        manager, names, opts.data_dir, opts.num_fewshot, opts.humaneval_samples, opts.humaneval_temperature
+    )
     return opts, manager, suites, configs
 
 
@@ -154,7 +157,9 @@ class _Progress:
 
     def write(self, output_dir: str | Path) -> dict[str, Any]:
         figures = {
-            report.RELIABILITY_PNG: plots.reliability_diagram(self.calibration, self.predictive) if self.calibration else None,
+            report.RELIABILITY_PNG: plots.reliability_diagram(self.calibration, self.predictive)
+            if self.calibration
+            else None,
             report.TRAINING_CURVES_PNG: (
                 plots.training_curves(self.plan.log_history) if self.plan.log_history is not None else None
             ),
@@ -162,8 +167,16 @@ class _Progress:
         figures = {name: figure for name, figure in figures.items() if figure is not None}
         files = {path: content for task in self.chunked.values() for path, content in task.files().items()}
         result = report.build_report(
-            self.lm_eval, self.calibration, self.predictive, asdict(self.plan.options), self.metadata, list(figures),
-            self.suites, self.generation, self.partial, list(files),
+            self.lm_eval,
+            self.calibration,
+            self.predictive,
+            asdict(self.plan.options),
+            self.metadata,
+            list(figures),
+            self.suites,
+            self.generation,
+            self.partial,
+            list(files),
         )
         report.write_report(output_dir, result, figures, files)
         for task in self.chunked.values():
@@ -199,7 +212,9 @@ def run_plan(
             raise UserError("; ".join(unfit.values()), key="suites")
         apply_limits(plan.tasks, limits)
         run_metadata = {"model": getattr(model.config, "_name_or_path", None), "context_length": lm.max_length}
-        progress = _Progress(plan, {**run_metadata, **(metadata or {})}, {n: limit.as_dict() for n, limit in limits.items()})
+        progress = _Progress(
+            plan, {**run_metadata, **(metadata or {})}, {n: limit.as_dict() for n, limit in limits.items()}
+        )
         if limits:
             digest = chunks.model_digest(lm)
             for name in limits:
@@ -240,15 +255,24 @@ def _run_suite(
     try:
         output = run_harness(lm, plan.manager, whole, opts) if whole else {}
         for name in generation:
-            report.merge_lm_eval(output, _run_chunks(progress, suite, progress.chunked[name], lm, limits[name], output_dir))
-        scored = {name: calibration(choice_scores(task, output["samples"][name])) for name, task in multiple_choice.items()}
+            report.merge_lm_eval(
+                output, _run_chunks(progress, suite, progress.chunked[name], lm, limits[name], output_dir)
+            )
+        scored = {
+            name: calibration(choice_scores(task, output["samples"][name])) for name, task in multiple_choice.items()
+        }
         drawn = {}
         if progress.predictive is not None and multiple_choice:
             averaged = predictive_scores(
-                model, multiple_choice, opts.predictive_samples, lambda chosen: run_harness(lm, plan.manager, chosen, opts)
+                model,
+                multiple_choice,
+                opts.predictive_samples,
+                lambda chosen: run_harness(lm, plan.manager, chosen, opts),
             )
             drawn = {name: calibration(scores) for name, scores in averaged.items()}
-        truncated = {name: truncated_prompts(output["samples"][name], lm, limits[name]) for name in whole if name in limits}
+        truncated = {
+            name: truncated_prompts(output["samples"][name], lm, limits[name]) for name in whole if name in limits
+        }
         truncated.update({name: progress.chunked[name].truncated_prompts() for name in generation})
     except Exception as err:  # any failure of one suite: keep the others' results (and its chunks done)
         progress.fail(suite, describe(err), traceback.format_exc())
@@ -280,7 +304,9 @@ def _run_chunks(
             progress.suites[suite]["status"] = "partial"
             progress.track(suite)
             progress.write(output_dir)
-            logger.info("%s: %d of %d documents done, written to %s", task.name, task.documents_done, task.total, output_dir)
+            logger.info(
+                "%s: %d of %d documents done, written to %s", task.name, task.documents_done, task.total, output_dir
+            )
     output = task.results()
     output["config"] = {**output["config"], "limit": opts.limit}  # each chunk's pass named its documents instead
     return output
@@ -304,7 +330,11 @@ def describe(error: BaseException) -> str:
 
 
 def run_harness(
-    lm: HFLM, manager: TaskManager, tasks: dict[str, Task], opts: EvalOptions, samples: dict[str, list[int]] | None = None
+    lm: HFLM,
+    manager: TaskManager,
+    tasks: dict[str, Task],
+    opts: EvalOptions,
+    samples: dict[str, list[int]] | None = None,
 ) -> dict[str, Any]:
     """One lm-eval pass over `tasks` (the first `limit` documents, or the documents `samples`
     names per task), keeping per-sample log-likelihoods for calibration. Generation lengths

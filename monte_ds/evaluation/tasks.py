@@ -20,9 +20,10 @@ from lm_eval.tasks import TaskManager
 from lm_eval.tasks._index import Kind
 from lm_eval.tasks._yaml_loader import load_yaml
 
-from monte_ds.errors import UserError
+from monte_ds.errors import UserError, first_line
 from monte_ds.evaluation import humaneval
 from monte_ds.evaluation.data_check import check_task_files
+
 
 logger = logging.getLogger(__name__)
 
@@ -141,9 +142,7 @@ def is_generated(config: dict[str, Any]) -> bool:
     return bool((config.get("metadata") or {}).get("generated"))
 
 
-def load_tasks(
-    manager: TaskManager, configs: dict[str, dict[str, Any]], num_fewshot: int | None
-) -> dict[str, Task]:
+def load_tasks(manager: TaskManager, configs: dict[str, dict[str, Any]], num_fewshot: int | None) -> dict[str, Task]:
     """Build the lm-eval tasks (this loads their datasets) and check there are enough few-shot examples."""
     tasks = {}
     for name, config in configs.items():
@@ -153,10 +152,12 @@ def load_tasks(
             offline = config.get("dataset_path") == "json"
             source = config["dataset_kwargs"]["data_files"] if offline else config.get("dataset_path")
             hint = "" if offline else " (offline: set data_dir, layout in docs/evaluation.md)"
-            raise UserError(f"cannot load {name} from {source}: {str(err).splitlines()[0]}{hint}", key="data_dir") from err
+            raise UserError(f"cannot load {name} from {source}: {first_line(err)}{hint}", key="data_dir") from err
         shots = effective_fewshot(config, num_fewshot)
         if shots and (available := len(task.fewshot_docs())) < shots:
-            raise UserError(f"{name} uses {shots} few-shot examples but its few-shot split has {available}", key="num_fewshot")
+            raise UserError(
+                f"{name} uses {shots} few-shot examples but its few-shot split has {available}", key="num_fewshot"
+            )
         logger.info("%s: %d documents, %d-shot", name, len(task.eval_docs), shots)
         tasks[name] = task
     return tasks

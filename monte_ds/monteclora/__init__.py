@@ -11,6 +11,7 @@ from monte_ds.monteclora.model import (
     sampler_state,
 )
 
+
 __all__ = [
     "MonteCLoRALinearA",
     "export_lora_adapter",

@@ -48,6 +48,7 @@ from monte_ds.monteclora.math import (
 )
 from monte_ds.monteclora.sampler import NoiseGroup, NoiseSampler, data_parallel_rank
 
+
 if TYPE_CHECKING:
     from monte_ds.monteclora.layer import MonteCLoRALinearA
 
@@ -76,9 +77,12 @@ def stack_log_params(rows: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch
     """Per-layer (ln v (r_l values), ln alpha (N values)), in row order, as the stacked
     L x (r_max + N) parameter's value: ln v padded with 0 (v = 1) up to r_max, then ln alpha."""
     r_max = max(log_v.numel() for log_v, _ in rows)
-    return torch.stack([
-        torch.cat((log_v.reshape(-1), log_v.new_zeros(r_max - log_v.numel()), log_alpha.reshape(-1))) for log_v, log_alpha in rows
-    ])
+    return torch.stack(
+        [
+            torch.cat((log_v.reshape(-1), log_v.new_zeros(r_max - log_v.numel()), log_alpha.reshape(-1)))
+            for log_v, log_alpha in rows
+        ]
+    )
 
 
 def gather_zero3(params: Sequence[torch.Tensor], owner: torch.nn.Module | None = None) -> None:
@@ -119,11 +123,15 @@ class _Partition:
         self.r_max = max(self.ranks)
 
     @classmethod
-    def build(cls, ranks: list[int], dof: list[float], device: torch.device, index: list[int] | None = None) -> _Partition:
+    def build(
+        cls, ranks: list[int], dof: list[float], device: torch.device, index: list[int] | None = None
+    ) -> _Partition:
         r_max = max(ranks)
         pad_index = None
         if min(ranks) != r_max:
-            pad_index = torch.tensor([slot * r_max + i for slot, rank in enumerate(ranks) for i in range(rank)], device=device)
+            pad_index = torch.tensor(
+                [slot * r_max + i for slot, rank in enumerate(ranks) for i in range(rank)], device=device
+            )
         return cls(
             ranks,
             dof,
@@ -168,7 +176,6 @@ class _DevicePartition:
     def log_params(self) -> torch.Tensor:
         """(L, r_max + N): row l is layer l's ln v (padded with 0, i.e. v = 1) then its ln alpha."""
         return getattr(self.layers[0], LOG_PARAMS)
-
 
 
 @dataclass
@@ -261,7 +268,9 @@ class _StepNode(torch.autograd.Function):
         if g_kl_d is not None:
             total = alpha.sum(-1, keepdim=True)
             prior = spec.dirichlet_prior
-            kl_d_grad = (alpha - prior) * torch.polygamma(1, alpha) - torch.polygamma(1, total) * (total - alpha.shape[-1] * prior)
+            kl_d_grad = (alpha - prior) * torch.polygamma(1, alpha) - torch.polygamma(1, total) * (
+                total - alpha.shape[-1] * prior
+            )
             grad_alpha = grad_alpha + g_kl_d * kl_d_grad
         grad = torch.cat((grad_log_v, grad_alpha * alpha), dim=-1)
         if rows.index is not None:  # a block's rows into the whole stack
@@ -269,7 +278,9 @@ class _StepNode(torch.autograd.Function):
         return None, grad
 
 
-def _scale_gradient(spec: _StepSpec, delta_grads: Sequence[torch.Tensor | None], slots: tuple[int, ...]) -> torch.Tensor | None:
+def _scale_gradient(
+    spec: _StepSpec, delta_grads: Sequence[torch.Tensor | None], slots: tuple[int, ...]
+) -> torch.Tensor | None:
     """d loss / d scale for the rows `slots` (len(slots), r_max), from the deltas' gradients:
     sum over columns of grad * noise, one batched product per noise group; None without any."""
     if all(delta_grads[i] is None for i in slots):
@@ -283,7 +294,11 @@ def _scale_gradient(spec: _StepSpec, delta_grads: Sequence[torch.Tensor | None],
         if present:
             zero = present[0].new_zeros(rank, n_in) if len(present) < len(members) else None
             grads = torch.stack([zero if delta_grads[i] is None else delta_grads[i] for i in members]).float()
-            noise = draw.noise if len(members) == count else draw.noise[torch.tensor(members, device=draw.noise.device) - start]
+            noise = (
+                draw.noise
+                if len(members) == count
+                else draw.noise[torch.tensor(members, device=draw.noise.device) - start]
+            )
             part = (grads * noise).sum(-1)
             parts.append(part if rank == r_max else torch.nn.functional.pad(part, (0, r_max - rank)))
         elif members:  # a group none of whose layers was used in this forward
@@ -442,7 +457,9 @@ class MonteCLoRAEngine:
             return None
         return state.deltas[layer.layer_index]
 
-    def _build(self, key: tuple[int, int], with_regulariser: bool, root: torch.nn.Module | None = None) -> _ForwardState:
+    def _build(
+        self, key: tuple[int, int], with_regulariser: bool, root: torch.nn.Module | None = None
+    ) -> _ForwardState:
         partitions = self._layout()
         stream, index = key
         draws = self.sampler.draw(key)
@@ -455,17 +472,32 @@ class MonteCLoRAEngine:
             gather_zero3([stacked], owner=root)
             log_params = full_fp32(stacked)
             alpha = log_params[:, partition.rows.r_max :].detach().exp()
-            generator = seeded_generator(alpha.device, stream_seed(self.config.seed, self.adapter_key, self.sampler.rank, _MIXTURE_STREAM[stream], index, number))
+            generator = seeded_generator(
+                alpha.device,
+                stream_seed(
+                    self.config.seed, self.adapter_key, self.sampler.rank, _MIXTURE_STREAM[stream], index, number
+                ),
+            )
             config = self.config
-            spec = _StepSpec(partition.rows, config.sample_scaler, config.sparse_mixture, config.dirichlet_prior,
-                             alpha, dirichlet_sample(alpha, generator), group_draws,
-                             self._delta_dtypes.get(number, torch.float32), with_regulariser)
+            spec = _StepSpec(
+                partition.rows,
+                config.sample_scaler,
+                config.sparse_mixture,
+                config.dirichlet_prior,
+                alpha,
+                dirichlet_sample(alpha, generator),
+                group_draws,
+                self._delta_dtypes.get(number, torch.float32),
+                with_regulariser,
+            )
             with torch.autocast(alpha.device.type, enabled=False):
                 outputs = _StepNode.apply(spec, log_params)
             for layer, delta in zip(partition.layers, outputs, strict=False):
                 state.deltas[layer.layer_index] = delta
             if with_regulariser:
-                sums.append(tuple(value.to(partitions[0].rows.dof.device) for value in outputs[len(partition.layers):]))
+                sums.append(
+                    tuple(value.to(partitions[0].rows.dof.device) for value in outputs[len(partition.layers) :])
+                )
         if with_regulariser:
             state.regulariser = self._regulariser(sums, count)
         return state
@@ -492,7 +524,9 @@ class MonteCLoRAEngine:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         if int(state["seed"]) != self.config.seed:
-            raise ValueError(f"sampler state has seed {state['seed']}, this model was built with seed {self.config.seed}")
+            raise ValueError(
+                f"sampler state has seed {state['seed']}, this model was built with seed {self.config.seed}"
+            )
         self.forward_index = int(state["forward_index"])
         self._train = None
         self.sampler.drop_pending()

@@ -24,6 +24,7 @@ from monte_ds.monteclora.layer import EXTRA_PARAMS, LEGACY_PARAMS
 from monte_ds.monteclora.model import get_monteclora_model, monteclora_engine, monteclora_layers, peft_model_of
 from monte_ds.monteclora.sampler import data_parallel_rank
 
+
 WEIGHTS_NAME = SAFETENSORS_WEIGHTS_NAME  # peft's: the export loads with PeftModel.from_pretrained
 # Not config.json: that name is a run folder's whole training config and, to transformers, a model's.
 CONFIG_NAME = "monteclora_config.json"
@@ -128,7 +129,9 @@ def load_adapter(
     expected = set(get_peft_model_state_dict(peft_model, adapter_name=adapter_name).keys())
     if set(state) != expected:
         absent, extra = sorted(expected - set(state)), sorted(set(state) - expected)
-        raise InputError(f"adapter does not match the model (missing {absent[:3]}, unexpected {extra[:3]})", key=str(directory))
+        raise InputError(
+            f"adapter does not match the model (missing {absent[:3]}, unexpected {extra[:3]})", key=str(directory)
+        )
     set_peft_model_state_dict(peft_model, state, adapter_name=adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
     monteclora_engine(peft_model, adapter_name).load_state_dict(json.loads(sampler.read_text()))
     return peft_model
@@ -146,4 +149,3 @@ def export_lora_adapter(model: nn.Module, directory: str | Path, adapter_name: s
     with atomic_directory(directory) as tmp:
         save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
         peft_model.peft_config[adapter_name].save_pretrained(tmp)
-

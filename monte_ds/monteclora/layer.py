@@ -19,6 +19,7 @@ from monte_ds.config import MonteCLoRAConfig
 from monte_ds.monteclora.engine import LOG_PARAMS, MonteCLoRAEngine
 from monte_ds.monteclora.math import STREAM_INIT, seeded_generator, stream_seed
 
+
 # The adapter's ln v and ln alpha, stacked for all layers of a device into one parameter held by
 # the first layer's A (its name is under `lora_A`, so peft marks, saves and loads it with the
 # adapter). Adapters saved before held one (r, 1) and one (1, N) parameter per layer, under the
@@ -39,7 +40,9 @@ class MonteCLoRALinearA(nn.Linear):
     (row scale times noise) comes from the adapter's engine, computed for all layers at once.
     """
 
-    def __init__(self, lora_a: nn.Linear, config: MonteCLoRAConfig, engine: MonteCLoRAEngine, seeded_init: bool = True) -> None:
+    def __init__(
+        self, lora_a: nn.Linear, config: MonteCLoRAConfig, engine: MonteCLoRAEngine, seeded_init: bool = True
+    ) -> None:
         super().__init__(lora_a.in_features, lora_a.out_features, bias=False, device="meta")
         self.weight = lora_a.weight  # the mean: peft's parameter itself
         # nu defaults to this layer's own rank (ranks may differ per layer).

@@ -13,6 +13,7 @@ import torch
 from torch.autograd.function import once_differentiable
 from torch.distributions.dirichlet import _Dirichlet_backward  # torch's own implicit gradient
 
+
 _MASK64 = (1 << 64) - 1
 
 # Stream tags: each use of randomness draws from its own stream.
@@ -60,7 +61,9 @@ class BartlettDraw:
     log_det: torch.Tensor  # (count,)
 
 
-def draw_bartlett(count: int, rank: int, n_in: int, dof: float, generator: torch.Generator, device: torch.device) -> BartlettDraw:
+def draw_bartlett(
+    count: int, rank: int, n_in: int, dof: float, generator: torch.Generator, device: torch.device
+) -> BartlettDraw:
     """Draw Z, the Bartlett normals and the chi-square diagonals of `count` layers, in that
     fixed order, in fp32, as a handful of batched ops."""
     z = torch.randn(count, rank, n_in, generator=generator, device=device, dtype=torch.float32)

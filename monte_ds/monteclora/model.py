@@ -18,6 +18,7 @@ from monte_ds.monteclora.engine import REGULARISER_TERMS, MonteCLoRAEngine
 from monte_ds.monteclora.layer import MonteCLoRALinearA
 from monte_ds.monteclora.targets import check_targets, infer_task_type
 
+
 _LORA_FIELDS = {f.name for f in dataclasses.fields(LoraConfig)}
 # On the PeftModel: its MonteCLoRA engines by adapter name, so that the per-step calls
 # (monteclora_losses) do not walk every module of the model (~10 ms a step at 224 layers).
@@ -39,7 +40,9 @@ def lora_config(config: MonteCLoRAConfig) -> LoraConfig:
     """The plain peft LoRA config underneath (also what the exported adapter declares): every
     LoraConfig field MonteCLoRAConfig holds, passed by name (copies: peft extends some lists in
     place, e.g. `modules_to_save` with its classifier names)."""
-    fields = {f.name: copy.deepcopy(getattr(config, f.name)) for f in dataclasses.fields(config) if f.name in _LORA_FIELDS}
+    fields = {
+        f.name: copy.deepcopy(getattr(config, f.name)) for f in dataclasses.fields(config) if f.name in _LORA_FIELDS
+    }
     fields["target_modules"] = config.resolved_target_modules
     if config.eva_config is not None:
         fields["eva_config"] = EvaConfig(**config.eva_config)
@@ -74,14 +77,18 @@ def get_monteclora_model(
     for name, module in peft_model.named_modules():
         if not isinstance(module, LoraLayer) or adapter_name not in module.lora_A:
             if isinstance(module, LoraLayer) and adapter_name in getattr(module, "lora_embedding_A", {}):
-                raise ValueError(f"MonteCLoRA supports linear layers only; {name} is {type(module.get_base_layer()).__name__}")
+                raise ValueError(
+                    f"MonteCLoRA supports linear layers only; {name} is {type(module.get_base_layer()).__name__}"
+                )
             continue
         if type(module) not in supported:
             raise ValueError(
                 f"MonteCLoRA supports linear layers only (nn.Linear, bitsandbytes Linear4bit/Linear8bitLt); "
                 f"{name} is {type(module.get_base_layer()).__name__}"
             )
-        module.lora_A[adapter_name] = MonteCLoRALinearA(module.lora_A[adapter_name], config, engine, seeded_init=config.init_lora_weights is True)
+        module.lora_A[adapter_name] = MonteCLoRALinearA(
+            module.lora_A[adapter_name], config, engine, seeded_init=config.init_lora_weights is True
+        )
         if config.posthoc:
             module.lora_A[adapter_name].weight.requires_grad_(False)
             module.lora_B[adapter_name].weight.requires_grad_(False)

@@ -32,6 +32,7 @@ import torch.distributed as dist
 
 from monte_ds.monteclora.math import STREAM_TRAIN, BartlettDraw, draw_bartlett, seeded_generator, stream_seed
 
+
 DrawKey = tuple[int, int]  # (stream, forward index)
 
 
@@ -112,7 +113,9 @@ class NoiseSampler:
         draws = []
         with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
             for number, group in enumerate(self._groups):
-                generator = seeded_generator(group.device, stream_seed(self.seed, self.adapter_key, self.rank, stream, index, number))
+                generator = seeded_generator(
+                    group.device, stream_seed(self.seed, self.adapter_key, self.rank, stream, index, number)
+                )
                 draws.append(draw_bartlett(group.count, group.rank, group.n_in, group.dof, generator, group.device))
         return draws
 

@@ -21,6 +21,7 @@ from transformers.models.auto import modeling_auto
 
 from monte_ds.config import MonteCLoRAConfig
 
+
 # transformers' auto classes per peft task type, most specific first (a seq2seq LM is also
 # a causal LM's relative; a bare encoder/decoder is a feature extractor).
 _TASK_TYPE_CLASSES = (
@@ -70,10 +71,14 @@ def target_problems(names: Sequence[str], config: MonteCLoRAConfig) -> list[str]
         if targets != "all-linear" and not any(re.fullmatch(targets, name) for name in names):
             problems.append(f"target_modules: the pattern {targets!r} matched no module")
         if config.layers_to_transform is not None:
-            problems.append("layers_to_transform: applies to a list of target_modules only (peft ignores it for a pattern)")
+            problems.append(
+                "layers_to_transform: applies to a list of target_modules only (peft ignores it for a pattern)"
+            )
     else:
         default = "" if config.target_modules is not None else " (the default: LLaMA's projections; set target_modules)"
-        problems += _unmatched("target_modules", targets, lambda entry: _selects(names, target_modules=[entry]), default)
+        problems += _unmatched(
+            "target_modules", targets, lambda entry: _selects(names, target_modules=[entry]), default
+        )
         if config.layers_pattern is not None:
             patterns = [config.layers_pattern] if isinstance(config.layers_pattern, str) else config.layers_pattern
             problems += _unmatched(
@@ -82,7 +87,11 @@ def target_problems(names: Sequence[str], config: MonteCLoRAConfig) -> list[str]
                 lambda pattern: any(re.match(rf"(?:^|.*?\.){pattern}\.\d+\.", name) for name in names),
             )
         if config.layers_to_transform is not None:
-            indices = [config.layers_to_transform] if isinstance(config.layers_to_transform, int) else config.layers_to_transform
+            indices = (
+                [config.layers_to_transform]
+                if isinstance(config.layers_to_transform, int)
+                else config.layers_to_transform
+            )
             problems += _unmatched(
                 "layers_to_transform",
                 indices,

@@ -5,6 +5,7 @@ from monte_ds.sweep.outcomes import Metric, Outcome, read_outcome
 from monte_ds.sweep.runner import Sweep, execute
 from monte_ds.sweep.stats import PairedTest, Summary, paired_test, summarize
 
+
 __all__ = [
     "GridAxis",
     "Metric",

@@ -29,6 +29,7 @@ from monte_ds.sweep.grid import (
 from monte_ds.sweep.report import SWEEP_MD
 from monte_ds.sweep.runner import DEFAULT_LAUNCHER, Sweep, execute, pending_commands
 
+
 logger = logging.getLogger("monte_ds.sweep")
 
 
@@ -40,33 +41,68 @@ def build_parser() -> argparse.ArgumentParser:
         "methods over matched runs, and box plots. Restartable: finished runs are skipped.",
     )
     parser.add_argument("--config", required=True, type=Path, help="the base training config (JSON)")
-    parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
-                        help="a swept config key and its values (repeatable; values parsed like --set)")
-    parser.add_argument("--methods", default="lora,monteclora",
-                        help="adapter.method values, any of monte-ds train's (default: lora,monteclora); "
-                        "the Wilcoxon tests compare monteclora with each other method")
+    parser.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2,...",
+        help="a swept config key and its values (repeatable; values parsed like --set)",
+    )
+    parser.add_argument(
+        "--methods",
+        default="lora,monteclora",
+        help="adapter.method values, any of monte-ds train's (default: lora,monteclora); "
+        "the Wilcoxon tests compare monteclora with each other method",
+    )
     parser.add_argument("--seeds", default="0", help="training.seed values (default: 0)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="fixed",
-                        help="an override applied to every run (repeatable)")
-    parser.add_argument("--set-for", action="append", default=[], metavar="METHOD:KEY=VALUE", dest="method_fixed",
-                        help="an override applied to one method's runs only (repeatable), e.g. "
-                        "monteclora:eval.predictive_samples=10; give it the same way on every invocation "
-                        "over one --output, whichever --methods it trains")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        dest="fixed",
+        help="an override applied to every run (repeatable)",
+    )
+    parser.add_argument(
+        "--set-for",
+        action="append",
+        default=[],
+        metavar="METHOD:KEY=VALUE",
+        dest="method_fixed",
+        help="an override applied to one method's runs only (repeatable), e.g. "
+        "monteclora:eval.predictive_samples=10; give it the same way on every invocation "
+        "over one --output, whichever --methods it trains",
+    )
     parser.add_argument("--output", required=True, type=Path, help="the sweep's folder (runs, logs, report)")
-    parser.add_argument("--record", type=Path, default=None, metavar="DIR",
-                        help="a folder (e.g. committed) that keeps each finished run's config.json, metrics.json and "
-                        "report/report.json: runs recorded there are skipped and reported even when --output has lost them")
-    parser.add_argument("--pairs-first", action="store_true",
-                        help="train seed by seed and grid point by grid point, every method of a point before the "
-                        "next, so that a sweep stopped early leaves matched pairs (default: method by method)")
-    parser.add_argument("--launcher", default=shlex.join(DEFAULT_LAUNCHER),
-                        help="the command that trains one run, given --config and --set (default: %(default)s); "
-                        "e.g. 'torchrun --nproc-per-node 8 -m monte_ds.cli train'")
+    parser.add_argument(
+        "--record",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="a folder (e.g. committed) that keeps each finished run's config.json, metrics.json and "
+        "report/report.json: runs recorded there are skipped and reported even when --output has lost them",
+    )
+    parser.add_argument(
+        "--pairs-first",
+        action="store_true",
+        help="train seed by seed and grid point by grid point, every method of a point before the "
+        "next, so that a sweep stopped early leaves matched pairs (default: method by method)",
+    )
+    parser.add_argument(
+        "--launcher",
+        default=shlex.join(DEFAULT_LAUNCHER),
+        help="the command that trains one run, given --config and --set (default: %(default)s); "
+        "e.g. 'torchrun --nproc-per-node 8 -m monte_ds.cli train'",
+    )
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--plan-only", action="store_true",
-                      help="print one launch command per unfinished run (for a scheduler) and run nothing")
-    mode.add_argument("--report-only", action="store_true",
-                      help="train nothing: write the report from the runs finished so far")
+    mode.add_argument(
+        "--plan-only",
+        action="store_true",
+        help="print one launch command per unfinished run (for a scheduler) and run nothing",
+    )
+    mode.add_argument(
+        "--report-only", action="store_true", help="train nothing: write the report from the runs finished so far"
+    )
     return parser
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from monte_ds.errors import UserError
 from monte_ds.train.methods import METHODS
 
+
 METHOD_KEY = "adapter.method"
 SEED_KEY = "training.seed"
 OUTPUT_KEY = "training.output_dir"

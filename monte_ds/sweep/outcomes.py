@@ -16,6 +16,7 @@ from monte_ds import run_folder
 from monte_ds.evaluation.report import REPORT_JSON, metric_rows
 from monte_ds.run_folder import COMPLETED, CONFIG_JSON, DIVERGED, METRICS_JSON, REPORT_DIR, read_json
 
+
 # A run's own statuses (run_folder's), and the sweep's for a run without one.
 Status = Literal[run_folder.Status, "failed", "pending"]
 # The calibration metrics of multiple-choice tasks (all lower is better), at the adapter's mean
@@ -77,7 +78,9 @@ def read_outcome(run_dir: Path) -> Outcome:
         return Outcome("pending", detail=f"training completed but no {REPORT_DIR}/{REPORT_JSON}")
     # An interrupted evaluation leaves a report whose unfinished suites say so (partial, failed):
     # their scores are missing, so the run is not a result yet.
-    unfinished = sorted(name for name, suite in (report.get("suites") or {}).items() if suite.get("status") != COMPLETED)
+    unfinished = sorted(
+        name for name, suite in (report.get("suites") or {}).items() if suite.get("status") != COMPLETED
+    )
     if unfinished:
         return Outcome("pending", detail=f"evaluation not complete ({', '.join(unfinished)})")
     return Outcome(COMPLETED, report_scores(report), bins=report_bins(report))
@@ -86,7 +89,10 @@ def read_outcome(run_dir: Path) -> Outcome:
 def report_bins(report: dict[str, Any]) -> dict[tuple[str, bool], list[dict[str, Any]]]:
     """The reliability bins of an evaluation report, at the mean and posterior-predictive."""
     found = {}
-    for predictive, tasks in ((False, report.get("calibration")), (True, (report.get("predictive") or {}).get("tasks"))):
+    for predictive, tasks in (
+        (False, report.get("calibration")),
+        (True, (report.get("predictive") or {}).get("tasks")),
+    ):
         for task, calibration in (tasks or {}).items():
             if isinstance(calibration.get("bins"), list):
                 found[(task, predictive)] = calibration["bins"]
@@ -121,4 +127,3 @@ def _evaluation_configured(run_dir: Path) -> bool:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-

@@ -16,6 +16,7 @@ from matplotlib.figure import Figure
 from monte_ds.atomic import atomic_write_bytes
 from monte_ds.sweep.stats import Score
 
+
 _UNSAFE_FILE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -79,13 +80,29 @@ def reliability_plot(path: Path, task: str, series: Sequence[Mapping]) -> None:
         filled = [b for b in entry["bins"] if b["count"]]
         ece = entry.get("pooled_ece")
         label = f"{entry['label']} ({entry['runs']} runs" + (f", ECE {ece:.3f})" if ece is not None else ")")
-        line = axes.plot([b["confidence"] for b in filled], [b["accuracy"] for b in filled], marker="o",
-                         markersize=3, linestyle=":" if entry.get("predictive") else "-", label=label)[0]
+        line = axes.plot(
+            [b["confidence"] for b in filled],
+            [b["accuracy"] for b in filled],
+            marker="o",
+            markersize=3,
+            linestyle=":" if entry.get("predictive") else "-",
+            label=label,
+        )[0]
         total = max(sum(b["count"] for b in filled), 1)
-        axes.scatter([b["confidence"] for b in filled], [b["accuracy"] for b in filled],
-                     s=[400 * b["count"] / total for b in filled], color=line.get_color(), alpha=0.25)
-    axes.set(title=f"{task}: reliability, pooled over runs", xlabel="confidence", ylabel="accuracy",
-             xlim=(0, 1), ylim=(0, 1.02))
+        axes.scatter(
+            [b["confidence"] for b in filled],
+            [b["accuracy"] for b in filled],
+            s=[400 * b["count"] / total for b in filled],
+            color=line.get_color(),
+            alpha=0.25,
+        )
+    axes.set(
+        title=f"{task}: reliability, pooled over runs",
+        xlabel="confidence",
+        ylabel="accuracy",
+        xlim=(0, 1),
+        ylim=(0, 1.02),
+    )
     axes.legend(fontsize="x-small", loc="upper left")
     axes.grid(alpha=0.3)
     figure.tight_layout()

@@ -34,6 +34,7 @@ from monte_ds.sweep.stats import (
     summarize,
 )
 
+
 SWEEP_JSON = "sweep.json"
 SWEEP_MD = "sweep.md"
 PLOTS_DIR = "plots"
@@ -88,8 +89,11 @@ def by_point(by_method: Mapping[str, Mapping[tuple, Score]]) -> list[dict[str, A
             values = [score for (p, _), score in scores.items() if p == point]
             finished = [v for v in values if v is not None]
             if values:
-                cells[method] = {"mean": sum(finished) / len(finished) if finished else None,
-                                 "n": len(finished), "n_failed": len(values) - len(finished)}
+                cells[method] = {
+                    "mean": sum(finished) / len(finished) if finished else None,
+                    "n": len(finished),
+                    "n_failed": len(values) - len(finished),
+                }
         rows.append({"point": dict(point), "methods": cells})
     return rows
 
@@ -106,7 +110,8 @@ def summarize_sweep(
     for metric in metrics:
         by_method = {method: metric_scores(runs, outcomes, metric, method) for method in methods}
         summaries = {
-            method: summarize(list(scores.values()), metric.higher_is_better).to_dict() | {"scores": list(scores.values())}
+            method: summarize(list(scores.values()), metric.higher_is_better).to_dict()
+            | {"scores": list(scores.values())}
             for method, scores in by_method.items()
             if scores
         }
@@ -134,8 +139,12 @@ def summarize_sweep(
 
 
 # The calibration table's columns: (title, metric at the mean, metric posterior-predictive).
-CALIBRATION_COLUMNS = (("acc", "acc,none", "acc,predictive"), ("NLL", "nll", "nll,predictive"),
-                       ("ECE", "ece", "ece,predictive"), ("Brier", "brier", "brier,predictive"))
+CALIBRATION_COLUMNS = (
+    ("acc", "acc,none", "acc,predictive"),
+    ("NLL", "nll", "nll,predictive"),
+    ("ECE", "ece", "ece,predictive"),
+    ("Brier", "brier", "brier,predictive"),
+)
 
 
 def pooled_bins(bin_lists: Sequence[Sequence[Mapping[str, Any]]]) -> list[dict[str, Any]]:
@@ -147,11 +156,15 @@ def pooled_bins(bin_lists: Sequence[Sequence[Mapping[str, Any]]]) -> list[dict[s
     for (lower, upper), group in zip(edges, zip(*same)):
         count = sum(b["count"] for b in group)
         filled = [b for b in group if b["count"]]
-        pooled.append({
-            "lower": lower, "upper": upper, "count": count,
-            "accuracy": sum(b["count"] * b["accuracy"] for b in filled) / count if count else None,
-            "confidence": sum(b["count"] * b["confidence"] for b in filled) / count if count else None,
-        })
+        pooled.append(
+            {
+                "lower": lower,
+                "upper": upper,
+                "count": count,
+                "accuracy": sum(b["count"] * b["accuracy"] for b in filled) / count if count else None,
+                "confidence": sum(b["count"] * b["confidence"] for b in filled) / count if count else None,
+            }
+        )
     return pooled
 
 
@@ -168,36 +181,47 @@ def calibration_sections(
     """Per multiple-choice task: each method's reliability bins pooled over its finished runs (all
     grid points and seeds; MonteCLoRA also posterior-predictive), the pooled ECE, and the medians of
     the calibration metrics from `metrics` (the summaries, failures counted as there)."""
-    medians = {(m["task"], m["metric"], method): summary["median"]
-               for m in metrics for method, summary in m["methods"].items()}
+    medians = {
+        (m["task"], m["metric"], method): summary["median"] for m in metrics for method, summary in m["methods"].items()
+    }
     tasks = sorted({task for outcome in outcomes.values() for task, _ in outcome.bins})
     sections = []
     for task in tasks:
         series = []
         for method in methods:
             for predictive in (False, True) if method in POSTERIOR_METHODS else (False,):
-                lists = [outcomes[run.run_id].bins[(task, predictive)] for run in runs
-                         if run.method == method and (task, predictive) in outcomes[run.run_id].bins]
+                lists = [
+                    outcomes[run.run_id].bins[(task, predictive)]
+                    for run in runs
+                    if run.method == method and (task, predictive) in outcomes[run.run_id].bins
+                ]
                 if not lists:
                     continue
                 bins = pooled_bins(lists)
-                series.append({
-                    "method": method,
-                    "predictive": predictive,
-                    "label": f"{method} (predictive)" if predictive else method,
-                    "runs": len(lists),
-                    "items": sum(b["count"] for b in bins),
-                    "pooled_ece": pooled_ece(bins),
-                    "medians": {title: medians.get((task, pred if predictive else point, method))
-                                for title, point, pred in CALIBRATION_COLUMNS},
-                    "bins": bins,
-                })
+                series.append(
+                    {
+                        "method": method,
+                        "predictive": predictive,
+                        "label": f"{method} (predictive)" if predictive else method,
+                        "runs": len(lists),
+                        "items": sum(b["count"] for b in bins),
+                        "pooled_ece": pooled_ece(bins),
+                        "medians": {
+                            title: medians.get((task, pred if predictive else point, method))
+                            for title, point, pred in CALIBRATION_COLUMNS
+                        },
+                        "bins": bins,
+                    }
+                )
         sections.append({"task": task, "plot": f"{PLOTS_DIR}/{plot_filename(task, 'reliability')}", "series": series})
     return sections
 
 
 def build_sweep_report(
-    header: Mapping[str, Any], runs: Sequence[Run], outcomes: Mapping[str, Outcome], methods: Sequence[str],
+    header: Mapping[str, Any],
+    runs: Sequence[Run],
+    outcomes: Mapping[str, Outcome],
+    methods: Sequence[str],
     run_dir: Mapping[str, Path],
 ) -> dict[str, Any]:
     counts = {method: dict.fromkeys(STATUSES, 0) for method in methods}
@@ -221,7 +245,9 @@ def build_sweep_report(
                 "output_dir": str(run_dir[run.run_id]),
                 "scores": [
                     {"task": m.task, "metric": m.name, "value": value}
-                    for m, value in sorted(outcomes[run.run_id].scores.items(), key=lambda item: (item[0].task, item[0].name))
+                    for m, value in sorted(
+                        outcomes[run.run_id].scores.items(), key=lambda item: (item[0].task, item[0].name)
+                    )
                 ],
             }
             for run in runs
@@ -246,8 +272,14 @@ def write_sweep_report(output: Path, report: dict[str, Any]) -> None:
 
 
 def markdown(report: Mapping[str, Any]) -> str:
-    lines = ["# Robustness sweep", "", f"`{report['command']}`", "", "| method | " + " | ".join(STATUSES) + " |",
-             "|---" * (len(STATUSES) + 1) + "|"]
+    lines = [
+        "# Robustness sweep",
+        "",
+        f"`{report['command']}`",
+        "",
+        "| method | " + " | ".join(STATUSES) + " |",
+        "|---" * (len(STATUSES) + 1) + "|",
+    ]
     for method, counts in report["counts"].items():
         lines.append(f"| {method} | " + " | ".join(str(counts[s]) for s in STATUSES) + " |")
     if any(counts["pending"] for counts in report["counts"].values()):
@@ -268,19 +300,41 @@ def markdown(report: Mapping[str, Any]) -> str:
     for section in report["metrics"]:
         direction = "higher" if section["higher_is_better"] else "lower"
         robustness = "median" if section["higher_is_better"] else "1/median"
-        lines += ["", f"## {section['task']}: {section['label']} ({direction} is better)", "",
-                  f"| method | runs | failed | best | median | robustness ({robustness}) | spread |", "|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"## {section['task']}: {section['label']} ({direction} is better)",
+            "",
+            f"| method | runs | failed | best | median | robustness ({robustness}) | spread |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for method, s in section["methods"].items():
-            cells = [method, s["n"], s["n_failed"], *(_fmt(s[k], "failed") for k in ("best", "median", "robustness")),
-                     _fmt(s["spread"])]
+            cells = [
+                method,
+                s["n"],
+                s["n_failed"],
+                *(_fmt(s[k], "failed") for k in ("best", "median", "robustness")),
+                _fmt(s["spread"]),
+            ]
             lines.append("| " + " | ".join(str(c) for c in cells) + " |")
         if section["comparisons"]:
-            lines += ["", f"| Wilcoxon signed-rank | pairs | A better | B better | ties | W | p | median A − B "
-                      f"[{CONFIDENCE:.0%} CI] | MDE |", "|---|---|---|---|---|---|---|---|---|"]
+            lines += [
+                "",
+                f"| Wilcoxon signed-rank | pairs | A better | B better | ties | W | p | median A − B "
+                f"[{CONFIDENCE:.0%} CI] | MDE |",
+                "|---|---|---|---|---|---|---|---|---|",
+            ]
             for c in section["comparisons"]:
-                cells = [f"A={c['a']} vs B={c['b']}", c["n_pairs"], c["a_better"], c["b_better"], c["ties"],
-                         _fmt(c["statistic"]), _fmt(c["p_value"]),
-                         f"{_signed(c['difference'])} [{_signed(c['ci_low'])}, {_signed(c['ci_high'])}]", _fmt(c["mde"])]
+                cells = [
+                    f"A={c['a']} vs B={c['b']}",
+                    c["n_pairs"],
+                    c["a_better"],
+                    c["b_better"],
+                    c["ties"],
+                    _fmt(c["statistic"]),
+                    _fmt(c["p_value"]),
+                    f"{_signed(c['difference'])} [{_signed(c['ci_low'])}, {_signed(c['ci_high'])}]",
+                    _fmt(c["mde"]),
+                ]
                 lines.append("| " + " | ".join(str(x) for x in cells) + " |")
         lines += _point_table(section)
         lines += ["", f"![{section['task']} {section['label']}]({section['plot']})"]
@@ -296,10 +350,14 @@ def _point_table(section: Mapping[str, Any]) -> list[str]:
         return []
     keys = list(rows[0]["point"])
     methods = list(dict.fromkeys(method for row in rows for method in row["methods"]))
-    lines = ["", f"By grid point ({' / '.join(key.rsplit('.', 1)[-1] for key in keys)}): the mean over finished "
-             "seeds (their number; failed runs counted apart).", "",
-             "| method | " + " | ".join(" / ".join(row["point"].values()) for row in rows) + " |",
-             "|---" * (len(rows) + 1) + "|"]
+    lines = [
+        "",
+        f"By grid point ({' / '.join(key.rsplit('.', 1)[-1] for key in keys)}): the mean over finished "
+        "seeds (their number; failed runs counted apart).",
+        "",
+        "| method | " + " | ".join(" / ".join(row["point"].values()) for row in rows) + " |",
+        "|---" * (len(rows) + 1) + "|",
+    ]
     for method in methods:
         cells = []
         for row in rows:
@@ -316,16 +374,27 @@ def _point_table(section: Mapping[str, Any]) -> list[str]:
 def _calibration_tables(report: Mapping[str, Any]) -> list[str]:
     lines = []
     for section in report.get("calibration", []):
-        lines += ["", f"## Calibration: {section['task']}", "",
-                  "Per method over its finished runs (every grid point and seed): the medians of the calibration "
-                  "metrics (failed runs counted as in the sections above) and the reliability bins pooled over the "
-                  "runs' items, with the ECE of the pooled bins. Lower NLL, ECE and Brier are better.", "",
-                  "| method | runs | items | median " + " | median ".join(t for t, _, _ in CALIBRATION_COLUMNS)
-                  + " | pooled ECE |", "|---" * (4 + len(CALIBRATION_COLUMNS)) + "|"]
+        lines += [
+            "",
+            f"## Calibration: {section['task']}",
+            "",
+            "Per method over its finished runs (every grid point and seed): the medians of the calibration "
+            "metrics (failed runs counted as in the sections above) and the reliability bins pooled over the "
+            "runs' items, with the ECE of the pooled bins. Lower NLL, ECE and Brier are better.",
+            "",
+            "| method | runs | items | median "
+            + " | median ".join(t for t, _, _ in CALIBRATION_COLUMNS)
+            + " | pooled ECE |",
+            "|---" * (4 + len(CALIBRATION_COLUMNS)) + "|",
+        ]
         for series in section["series"]:
-            cells = [series["label"], series["runs"], series["items"],
-                     *(_fmt(series["medians"][title], "failed") for title, _, _ in CALIBRATION_COLUMNS),
-                     _fmt(series["pooled_ece"])]
+            cells = [
+                series["label"],
+                series["runs"],
+                series["items"],
+                *(_fmt(series["medians"][title], "failed") for title, _, _ in CALIBRATION_COLUMNS),
+                _fmt(series["pooled_ece"]),
+            ]
             lines.append("| " + " | ".join(str(c) for c in cells) + " |")
         lines += ["", f"![{section['task']} reliability]({section['plot']})"]
     return lines
@@ -333,8 +402,13 @@ def _calibration_tables(report: Mapping[str, Any]) -> list[str]:
 
 def _runs_table(report: Mapping[str, Any]) -> list[str]:
     columns = [(s["task"], s["metric"], f"{s['task']} {s['label']}") for s in report["metrics"]]
-    lines = ["", "## Runs", "", "| run | status | " + " | ".join(title for _, _, title in columns) + " |",
-             "|---" * (len(columns) + 2) + "|"]
+    lines = [
+        "",
+        "## Runs",
+        "",
+        "| run | status | " + " | ".join(title for _, _, title in columns) + " |",
+        "|---" * (len(columns) + 2) + "|",
+    ]
     for run in report["runs"]:
         values = {(score["task"], score["metric"]): score["value"] for score in run["scores"]}
         cells = [f"`{run['run_id']}`", run["status"]] + [_fmt(values.get((task, name))) for task, name, _ in columns]

@@ -35,6 +35,7 @@ from monte_ds.sweep.outcomes import Outcome, read_outcome
 from monte_ds.sweep.report import build_sweep_report, write_sweep_report
 from monte_ds.train.checkpoints import latest_complete_checkpoint
 
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_LAUNCHER = (sys.executable, "-m", "monte_ds.cli", "train")
@@ -72,7 +73,9 @@ class Sweep:
         if not self.pairs_first:
             return list(runs)
         points = list(dict.fromkeys(run.point for run in runs))
-        return sorted(runs, key=lambda run: (self.seeds.index(run.seed), points.index(run.point), self.methods.index(run.method)))
+        return sorted(
+            runs, key=lambda run: (self.seeds.index(run.seed), points.index(run.point), self.methods.index(run.method))
+        )
 
     def run_dir(self, run: Run) -> Path:
         return self.output / "runs" / run.run_id
@@ -153,7 +156,9 @@ def record_run(sweep: Sweep, run: Run) -> bool:
 def pending_commands(sweep: Sweep) -> list[str]:
     """One shell command per run that has no result yet (what --plan-only prints)."""
     check_settings(sweep, output=False)
-    return [shlex.join(sweep.command(run)) for run in sweep.training_order(sweep.runs) if not sweep.outcome(run)[0].finished]
+    return [
+        shlex.join(sweep.command(run)) for run in sweep.training_order(sweep.runs) if not sweep.outcome(run)[0].finished
+    ]
 
 
 def run_one(sweep: Sweep, run: Run) -> Outcome:
@@ -161,7 +166,9 @@ def run_one(sweep: Sweep, run: Run) -> Outcome:
     log = sweep.log_path(run)
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as handle:
-        returncode = subprocess.run(sweep.command(run), stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT).returncode
+        returncode = subprocess.run(
+            sweep.command(run), stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT
+        ).returncode
     if returncode == EXIT_USER_ERROR:  # monte-ds train rejected the config: not a robustness result
         raise UserError(f"run {run.run_id}: monte-ds train rejected the config: {_last_line(log)} (log: {log})")
     outcome = read_outcome(sweep.run_dir(run))
@@ -188,8 +195,13 @@ def execute(sweep: Sweep, command_line: str, *, launch: bool = True) -> dict[str
     todo = [run for run in sweep.training_order(runs) if not outcomes[run.run_id].finished] if launch else []
     finished = sum(outcome.finished for outcome in outcomes.values())
     from_record = sum(folders[run.run_id] != sweep.run_dir(run) for run in runs)
-    logger.info("%d runs: %d finished (%d of them read from the record), %d to train",
-                len(runs), finished, from_record, len(todo))
+    logger.info(
+        "%d runs: %d finished (%d of them read from the record), %d to train",
+        len(runs),
+        finished,
+        from_record,
+        len(todo),
+    )
     report = _write_report(sweep, command_line, runs, outcomes, folders)
     for index, run in enumerate(todo, 1):
         logger.info("[%d/%d] training %s", index, len(todo), run.run_id)
@@ -200,8 +212,16 @@ def execute(sweep: Sweep, command_line: str, *, launch: bool = True) -> dict[str
         if record_run(sweep, run):
             atomic_write_json(sweep.record_dir(run) / TIMING_JSON, {"wall_s": round(wall_s, 1), "load_average": load})
         scores = ", ".join(f"{metric.task} {metric.label} {value:.4g}" for metric, value in outcome.scores.items())
-        logger.info("[%d/%d] %s: %s in %.0f s (load average %.2f %.2f %.2f); %s", index, len(todo), run.run_id,
-                    outcome.status, wall_s, *load, scores or outcome.detail)
+        logger.info(
+            "[%d/%d] %s: %s in %.0f s (load average %.2f %.2f %.2f); %s",
+            index,
+            len(todo),
+            run.run_id,
+            outcome.status,
+            wall_s,
+            *load,
+            scores or outcome.detail,
+        )
         report = _write_report(sweep, command_line, runs, outcomes, folders)  # progress is visible mid-sweep
     return report
 

@@ -24,6 +24,7 @@ import numpy as np
 from scipy.stats import t as student_t
 from scipy.stats import wilcoxon
 
+
 Score = float | None  # None: the run failed or diverged
 
 ALPHA = 0.05  # two-sided significance level of the minimum detectable effect

@@ -3,4 +3,5 @@
 
 from monte_ds.train.trainer import MonteCLoRATrainer
 
+
 __all__ = ["MonteCLoRATrainer"]

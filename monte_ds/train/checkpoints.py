@@ -20,6 +20,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from monte_ds.atomic import atomic_write_json
 from monte_ds.run_folder import CHECKPOINT_MARKER_JSON, CHECKPOINT_SAMPLER_JSON
 
+
 logger = logging.getLogger(__name__)
 
 _CHECKPOINT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")

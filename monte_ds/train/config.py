@@ -22,11 +22,10 @@ import torch
 from peft import LoraConfig
 from trl import SFTConfig
 
+from monte_ds import pretrained, schema
 from monte_ds.config import MonteCLoRAConfig
-from monte_ds import schema
-from monte_ds.errors import InputError, UserError
+from monte_ds.errors import InputError, UserError, first_line
 from monte_ds.evaluation.options import EvalOptions
-from monte_ds import pretrained
 from monte_ds.train.data import BUNDLED_PREFIX, DATA_SUFFIXES, ON_BAD_ROWS, bundled_path
 from monte_ds.train.methods import (
     METHODS,
@@ -38,6 +37,7 @@ from monte_ds.train.methods import (
     method_options,
     resolved_options,
 )
+
 
 logger = logging.getLogger(__name__)
 
@@ -271,7 +271,10 @@ def validate_config(raw: dict[str, Any]) -> TrainConfig:
     adapter = raw.get("adapter")
     offered = full_schema["properties"]["adapter"]["properties"]
     for key in sorted(LORA_FIELDS & set(adapter) - set(offered)) if isinstance(adapter, dict) else ():
-        raise UserError(f"peft's LoraConfig option {key!r} is not offered with MonteCLoRA (see docs/training.md)", key=f"adapter.{key}")
+        raise UserError(
+            f"peft's LoraConfig option {key!r} is not offered with MonteCLoRA (see docs/training.md)",
+            key=f"adapter.{key}",
+        )
     schema.validate(raw, full_schema)
     model = ModelSection(**raw["model"])
     quantization = QuantizationSection(**raw.get("quantization", {}))
@@ -279,7 +282,10 @@ def validate_config(raw: dict[str, Any]) -> TrainConfig:
     training = dict(raw["training"])
     method, adapter, options = _adapter(dict(raw.get("adapter", {})), training)
     if adapter.task_type not in (None, "CAUSAL_LM"):
-        raise UserError(f"monte-ds train fine-tunes causal LMs (CAUSAL_LM or null), got {adapter.task_type!r}", key="adapter.task_type")
+        raise UserError(
+            f"monte-ds train fine-tunes causal LMs (CAUSAL_LM or null), got {adapter.task_type!r}",
+            key="adapter.task_type",
+        )
     adapter = dataclasses.replace(adapter, task_type="CAUSAL_LM")
     deepspeed, fsdp = _distributed(raw.get("distributed", {}), adapter)
     evaluation = dict(raw.get("eval", {}))
@@ -294,7 +300,10 @@ def validate_config(raw: dict[str, Any]) -> TrainConfig:
     if quantization.double_quant and quantization.mode not in ("nf4", "fp4"):
         raise UserError("only applies to 4-bit modes (nf4, fp4)", key="quantization.double_quant")
     if training.get("eval_strategy", "no") != "no":
-        raise UserError("there is no evaluation set during training; the eval section evaluates after it", key="training.eval_strategy")
+        raise UserError(
+            "there is no evaluation set during training; the eval section evaluates after it",
+            key="training.eval_strategy",
+        )
     if method == "monteclora" and training.get("label_smoothing_factor", 0) > 0:
         raise UserError(
             "not supported with MonteCLoRA (TRL runs a second "
@@ -305,7 +314,10 @@ def validate_config(raw: dict[str, Any]) -> TrainConfig:
         raise UserError("FSDP2 shards only floating-point storage; use bfloat16", key="quantization.quant_storage")
     config = TrainConfig(model, quantization, method, adapter, data, training, deepspeed, fsdp, evaluation, options)
     if model.gguf_file is not None and config.shards_parameters:
-        raise UserError("a GGUF base is loaded whole, then dequantised; ZeRO-3 and FSDP2 need a safetensors base", key="model.gguf_file")
+        raise UserError(
+            "a GGUF base is loaded whole, then dequantised; ZeRO-3 and FSDP2 need a safetensors base",
+            key="model.gguf_file",
+        )
     reentrant = (training.get("activation_checkpointing_kwargs") or {}).get("use_reentrant")
     if method == "monteclora" and config.zero_stage == 3 and training.get("activation_checkpointing") and reentrant:
         raise UserError(
@@ -440,7 +452,7 @@ def training_arguments(config: TrainConfig) -> SFTConfig:
     try:
         return SFTConfig(**kwargs)
     except (ValueError, TypeError) as err:
-        raise UserError(f"{str(err).strip().splitlines()[0]}", key="training") from None
+        raise UserError(first_line(err), key="training") from None
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:

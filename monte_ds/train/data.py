@@ -32,7 +32,8 @@ from trl import SFTConfig
 from trl.chat_template_utils import get_training_chat_template, has_generation_markers
 from trl.data_utils import common_prefix_length, is_conversational, maybe_convert_to_chatml
 
-from monte_ds.errors import UserError
+from monte_ds.errors import UserError, first_line
+
 
 if TYPE_CHECKING:
     from monte_ds.train.config import DataSection
@@ -167,7 +168,7 @@ def load_source(
                 "with no cached copy of it",
                 key="data.path",
             ) from None
-        raise UserError(f"cannot load {path!r}: {_first_line(err)}", key="data.path") from None
+        raise UserError(f"cannot load {path!r}: {first_line(err)}", key="data.path") from None
 
 
 def _load_file(local: Path, name: str, on_bad_rows: str) -> tuple[Rows, Source]:
@@ -180,10 +181,10 @@ def _load_file(local: Path, name: str, on_bad_rows: str) -> tuple[Rows, Source]:
         dataset = datasets.load_dataset(BUILDERS[local.suffix], data_files=str(local), split="train")
     except (ValueError, datasets.exceptions.DatasetGenerationError) as err:
         if local.suffix not in (".json", ".jsonl"):
-            raise UserError(f"cannot read {name}: {_first_line(err)}", key="data") from None
+            raise UserError(f"cannot read {name}: {first_line(err)}", key="data") from None
         return _parse_json(local, name, json_lines, on_bad_rows)  # the builder does not say which line
     except OSError as err:
-        raise UserError(f"cannot read {name}: {_first_line(err)}", key="data") from None
+        raise UserError(f"cannot read {name}: {first_line(err)}", key="data") from None
     if any(isinstance(feature, datasets.Json) for feature in dataset.features.values()):
         # A column of mixed types: the builder keeps it as JSON text and decodes the string "5"
         # as the number 5, so only the file itself says which values are strings.
@@ -217,7 +218,9 @@ def _parse_json(path: Path, name: str, json_lines: bool, on_bad_rows: str) -> tu
         try:
             document = json.loads(text)
         except json.JSONDecodeError as err:
-            raise UserError(f"{name} line {err.lineno}: not valid JSON ({err.msg}, column {err.colno})", key="data") from None
+            raise UserError(
+                f"{name} line {err.lineno}: not valid JSON ({err.msg}, column {err.colno})", key="data"
+            ) from None
         entries = list(enumerate(document, 1)) if isinstance(document, list) else [(1, document)]
         where = "row"
     else:
@@ -245,7 +248,7 @@ def _to_dataset(records: list[dict[str, Any]], name: str) -> datasets.Dataset:
     try:
         return datasets.Dataset.from_list(records, on_mixed_types="use_json")
     except (ValueError, TypeError) as err:
-        raise UserError(f"cannot read {name}: {_first_line(err)}", key="data") from None
+        raise UserError(f"cannot read {name}: {first_line(err)}", key="data") from None
 
 
 def _columns(rows: Rows) -> list[str]:
@@ -283,7 +286,10 @@ REQUIRED_COLUMNS = {
 def alpaca_to_prompt_completion(record: dict[str, Any]) -> dict[str, str]:
     context = (record.get("input") or "").strip()
     template = ALPACA_PROMPT if context else ALPACA_PROMPT_NO_INPUT
-    return {"prompt": template.format(instruction=record["instruction"].strip(), input=context), "completion": record["output"]}
+    return {
+        "prompt": template.format(instruction=record["instruction"].strip(), input=context),
+        "completion": record["output"],
+    }
 
 
 def placeholders(template: str) -> set[str]:
@@ -298,7 +304,11 @@ def template_to_prompt_completion(record: dict[str, Any], template: str, complet
 def sharegpt_to_messages(record: dict[str, Any]) -> dict[str, list[dict[str, str]]]:
     """ShareGPT turns ({"from": "human" | "gpt" | ..., "value"}) as chat messages (role, content)."""
     turns = maybe_convert_to_chatml({"conversations": record["conversations"]})["messages"]
-    return {"messages": [{"role": SHAREGPT_ROLES.get(turn["role"], turn["role"]), "content": turn["content"]} for turn in turns]}
+    return {
+        "messages": [
+            {"role": SHAREGPT_ROLES.get(turn["role"], turn["role"]), "content": turn["content"]} for turn in turns
+        ]
+    }
 
 
 def prepare_dataset(
@@ -490,11 +500,6 @@ def _report_bad_rows(
     logger.warning("data: skipping %d of %d rows of %s: %s%s", count, total, name, listed, more)
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 # -- trainable tokens ----------------------------------------------------------------------------------
 def check_trainable_tokens(
     dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, args: SFTConfig, source: Source
@@ -509,12 +514,14 @@ def check_trainable_tokens(
     chat_template = None
     if args.assistant_only_loss:
         if not is_conversational(maybe_convert_to_chatml(dict(dataset[0]))):
-            raise UserError("only applies to chat data (messages); this data is not", key="training.assistant_only_loss")
+            raise UserError(
+                "only applies to chat data (messages); this data is not", key="training.assistant_only_loss"
+            )
         if not has_generation_markers(tokenizer.chat_template or ""):
             try:
                 chat_template = get_training_chat_template(tokenizer)
             except ValueError as err:
-                raise UserError(f"{_first_line(err)}", key="training.assistant_only_loss") from None
+                raise UserError(f"{first_line(err)}", key="training.assistant_only_loss") from None
     for start in range(0, len(dataset), TOKEN_CHECK_BATCH_ROWS):
         batch = dataset[start : start + TOKEN_CHECK_BATCH_ROWS]
         rows = [maybe_convert_to_chatml(dict(zip(batch, values))) for values in zip(*batch.values())]
@@ -545,20 +552,30 @@ def _truncated(mask: list[int], args: SFTConfig) -> list[int]:
 
 
 def _untemplatable(
-    rows: list[dict[str, Any]], start: int, tokenizer: PreTrainedTokenizerBase, args: SFTConfig,
-    completion_only: bool, chat_template: str | None, source: Source,
+    rows: list[dict[str, Any]],
+    start: int,
+    tokenizer: PreTrainedTokenizerBase,
+    args: SFTConfig,
+    completion_only: bool,
+    chat_template: str | None,
+    source: Source,
 ) -> UserError:
     """The error naming the first row of a batch that fails to template (retried one by one)."""
     for offset, row in enumerate(rows):
         try:
             _loss_masks([row], tokenizer, args, completion_only, chat_template)
         except (ValueError, TypeError, TemplateError) as err:
-            return UserError(f"{source.name} {source.where([start + offset])[0]}: cannot template it: {_first_line(err)}", key="data")
+            return UserError(
+                f"{source.name} {source.where([start + offset])[0]}: cannot template it: {first_line(err)}", key="data"
+            )
     return UserError(f"{source.name}: rows {start + 1}-{start + len(rows)} cannot be templated together", key="data")
 
 
 def _loss_masks(
-    rows: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase, args: SFTConfig, completion_only: bool,
+    rows: list[dict[str, Any]],
+    tokenizer: PreTrainedTokenizerBase,
+    args: SFTConfig,
+    completion_only: bool,
     chat_template: str | None,
 ) -> list[list[int]]:
     """For each row (ChatML), 1 for each token of its training sequence that TRL's labels keep,
@@ -576,7 +593,9 @@ def _loss_masks(
         prompts = [row["prompt"] for row in rows]
         if conversational[0]:
             prompt_ids = tokenizer.apply_chat_template(prompts, add_generation_prompt=True, **chat)["input_ids"]
-            full = tokenizer.apply_chat_template([row["prompt"] + row["completion"] for row in rows], **assistant, **chat)
+            full = tokenizer.apply_chat_template(
+                [row["prompt"] + row["completion"] for row in rows], **assistant, **chat
+            )
         else:
             prompt_ids = tokenizer(text=prompts)["input_ids"]
             full = tokenizer(text=[row["prompt"] + with_eos(row["completion"]) for row in rows])
@@ -602,5 +621,7 @@ def dataset_texts(dataset: datasets.Dataset) -> list[str]:
             if isinstance(value, str):
                 texts.append(value)
             elif isinstance(value, list):
-                texts.extend(str(turn.get("content", turn.get("value", ""))) for turn in value if isinstance(turn, dict))
+                texts.extend(
+                    str(turn.get("content", turn.get("value", ""))) for turn in value if isinstance(turn, dict)
+                )
     return texts

@@ -25,6 +25,7 @@ from monte_ds.config import MonteCLoRAConfig
 from monte_ds.errors import InputError, UserError
 from monte_ds.monteclora.model import lora_config
 
+
 logger = logging.getLogger(__name__)
 
 METHODS = ("monteclora", "full", "lora", "dora", "adalora", "ia3", "loha", "lokr", "loraplus", "prompt_tuning")
@@ -34,8 +35,16 @@ LORA_ADAPTERS = ("lora", "dora", "loraplus")
 # MonteCLoRAConfig fields that only MonteCLoRA uses (the noise seed included).
 _MONTECLORA_FIELDS = frozenset(field.name for field in dataclasses.fields(MonteCLoRAConfig))
 MONTECLORA_ONLY = _MONTECLORA_FIELDS & {
-    "n_components", "sample_scaler", "kl_weight", "dirichlet_prior", "dirichlet_init", "wishart_df",
-    "sparse_mixture", "posthoc", "sampler", "seed",
+    "n_components",
+    "sample_scaler",
+    "kl_weight",
+    "dirichlet_prior",
+    "dirichlet_init",
+    "wishart_df",
+    "sparse_mixture",
+    "posthoc",
+    "sampler",
+    "seed",
 }
 # Everything else of MonteCLoRAConfig is a peft LoraConfig field.
 LORA_FIELDS = _MONTECLORA_FIELDS - MONTECLORA_ONLY
@@ -143,7 +152,9 @@ def method_options(method: str, section: Mapping[str, Any], adapter: MonteCLoRAC
 def check_method_setup(method: str, quantized: bool, zero_stage: int | None, fsdp: bool) -> None:
     """What a method cannot do with the rest of the config, refused before anything runs."""
     if quantized and method == "full":
-        raise UserError("full fine-tuning trains every weight, and quantized weights cannot be trained", key="quantization.mode")
+        raise UserError(
+            "full fine-tuning trains every weight, and quantized weights cannot be trained", key="quantization.mode"
+        )
     if quantized and method in ("loha", "lokr"):
         raise UserError(f"peft's {method} has no bitsandbytes layers; use none", key="quantization.mode")
     if zero_stage == 3 and method == "loha":
@@ -203,26 +214,47 @@ def peft_config(method: str, adapter: MonteCLoRAConfig, options: MethodOptions, 
         return dataclasses.replace(lora_config(adapter), use_dora=True)
     if method == "adalora":
         return AdaLoraConfig(
-            task_type="CAUSAL_LM", target_modules=targets, modules_to_save=adapter.modules_to_save,
-            init_r=adalora_init_r(adapter, options), target_r=adapter.r, lora_alpha=adapter.lora_alpha,
-            lora_dropout=adapter.lora_dropout, tinit=options.tinit, tfinal=options.tfinal, deltaT=options.deltaT,
-            beta1=options.beta1, beta2=options.beta2, orth_reg_weight=options.orth_reg_weight,
+            task_type="CAUSAL_LM",
+            target_modules=targets,
+            modules_to_save=adapter.modules_to_save,
+            init_r=adalora_init_r(adapter, options),
+            target_r=adapter.r,
+            lora_alpha=adapter.lora_alpha,
+            lora_dropout=adapter.lora_dropout,
+            tinit=options.tinit,
+            tfinal=options.tfinal,
+            deltaT=options.deltaT,
+            beta1=options.beta1,
+            beta2=options.beta2,
+            orth_reg_weight=options.orth_reg_weight,
             total_step=options.tinit + options.tfinal + 1,
         )
     if method == "ia3":
-        return IA3Config(task_type="CAUSAL_LM", target_modules=targets, modules_to_save=adapter.modules_to_save,
-                         feedforward_modules=ia3_feedforward_modules(adapter, options))
+        return IA3Config(
+            task_type="CAUSAL_LM",
+            target_modules=targets,
+            modules_to_save=adapter.modules_to_save,
+            feedforward_modules=ia3_feedforward_modules(adapter, options),
+        )
     if method in ("loha", "lokr"):
-        lycoris = dict(task_type="CAUSAL_LM", target_modules=targets, modules_to_save=adapter.modules_to_save,
-                       r=adapter.r, alpha=adapter.lora_alpha, rank_dropout=options.rank_dropout,
-                       module_dropout=options.module_dropout)
+        lycoris = {
+            "task_type": "CAUSAL_LM",
+            "target_modules": targets,
+            "modules_to_save": adapter.modules_to_save,
+            "r": adapter.r,
+            "alpha": adapter.lora_alpha,
+            "rank_dropout": options.rank_dropout,
+            "module_dropout": options.module_dropout,
+        }
         if method == "loha":
             return LoHaConfig(**lycoris)
         return LoKrConfig(**lycoris, decompose_both=options.decompose_both, decompose_factor=options.decompose_factor)
     if method == "prompt_tuning":
         return PromptTuningConfig(
-            task_type="CAUSAL_LM", num_virtual_tokens=options.num_virtual_tokens,
-            prompt_tuning_init=options.prompt_tuning_init, prompt_tuning_init_text=options.prompt_tuning_init_text,
+            task_type="CAUSAL_LM",
+            num_virtual_tokens=options.num_virtual_tokens,
+            prompt_tuning_init=options.prompt_tuning_init,
+            prompt_tuning_init_text=options.prompt_tuning_init_text,
             tokenizer_name_or_path=tokenizer_path if options.prompt_tuning_init == "TEXT" else None,
         )
     raise ValueError(f"{method!r} has no peft config")

@@ -22,12 +22,13 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from monte_ds import pretrained
 from monte_ds.atomic import atomic_directory
-from monte_ds.errors import UserError
+from monte_ds.errors import UserError, first_line
 from monte_ds.monteclora import get_monteclora_model
 from monte_ds.monteclora.targets import module_names, target_problems
 from monte_ds.tiny import build_tiny_llama, tiny_llama_config
 from monte_ds.train.config import QuantizationSection, TrainConfig
 from monte_ds.train.methods import ACCEPTED, peft_config
+
 
 logger = logging.getLogger(__name__)
 
@@ -75,9 +76,13 @@ def check_model_path(config: TrainConfig) -> PretrainedConfig:
     try:
         if gguf is not None:
             return AutoConfig.from_pretrained(gguf[0], gguf_file=gguf[1])
-        return AutoConfig.from_pretrained(model.path, revision=model.revision, trust_remote_code=model.trust_remote_code)
+        return AutoConfig.from_pretrained(
+            model.path, revision=model.revision, trust_remote_code=model.trust_remote_code
+        )
     except (OSError, ValueError) as err:
-        raise UserError(f"cannot load a model config from {model.path!r}: {str(err).splitlines()[0]}", key="model.path") from None
+        raise UserError(
+            f"cannot load a model config from {model.path!r}: {first_line(err)}", key="model.path"
+        ) from None
 
 
 def check_adapter_targets(config: TrainConfig, model_config: PretrainedConfig) -> None:

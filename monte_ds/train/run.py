@@ -37,12 +37,12 @@ from trl import SFTConfig
 import monte_ds
 from monte_ds import run_folder
 from monte_ds.atomic import atomic_directory, atomic_write_json
-from monte_ds.errors import UserError
+from monte_ds.errors import UserError, first_line
 from monte_ds.flags import ArgumentParser
 from monte_ds.monteclora.engine import REGULARISER_TERMS
+from monte_ds.tiny import build_tokenizer
 from monte_ds.train import checkpoints
 from monte_ds.train.config import TrainConfig, load_config, training_arguments
-from monte_ds.tiny import build_tokenizer
 from monte_ds.train.data import check_trainable_tokens, dataset_texts, training_dataset
 from monte_ds.train.methods import LORA_ADAPTERS
 from monte_ds.train.model import (
@@ -55,6 +55,7 @@ from monte_ds.train.model import (
     quantization_config,
 )
 from monte_ds.train.trainer import MonteCLoRATrainer
+
 
 if TYPE_CHECKING:  # lm-eval is imported only by runs that evaluate
     from monte_ds.evaluation import EvalPlan
@@ -69,7 +70,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--config", required=True, help="the JSON config (see configs/ and docs/training.md)")
     parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a config value, e.g. --set training.learning_rate=1e-4 (JSON values; repeatable)",
     )
     parser.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
@@ -119,7 +124,9 @@ def _planning_tokenizer(config: TrainConfig, dataset: datasets.Dataset) -> PreTr
     try:
         return load_tokenizer(config)
     except (OSError, ValueError) as err:
-        raise UserError(f"cannot load a tokenizer from {config.model.path!r}: {str(err).splitlines()[0]}", key="model.path") from None
+        raise UserError(
+            f"cannot load a tokenizer from {config.model.path!r}: {first_line(err)}", key="model.path"
+        ) from None
 
 
 def _checkpoint_to_resume(output_dir: Path, resume: bool) -> Path | None:
@@ -155,7 +162,9 @@ def execute(plan: Plan) -> int:
 
     tokenizer = load_tokenizer(config)
     model = load_base_model(config, args.device, sharded=config.shards_parameters)
-    model = attach_adapter(model, config, args.seed, args.activation_checkpointing, args.activation_checkpointing_kwargs)
+    model = attach_adapter(
+        model, config, args.seed, args.activation_checkpointing, args.activation_checkpointing_kwargs
+    )
     loraplus = config.method == "loraplus"
     trainer = MonteCLoRATrainer(
         model=model,
@@ -213,7 +222,7 @@ def check_reentrant_checkpointing(args: SFTConfig) -> None:
     if plain_ddp and args.activation_checkpointing and kwargs.get("use_reentrant"):
         raise UserError(
             "reentrant activation checkpointing fires a parameter's gradient hook once per replayed block, which "
-            "DDP refuses; use {\"use_reentrant\": false} (the default), or DeepSpeed ZeRO or FSDP2",
+            'DDP refuses; use {"use_reentrant": false} (the default), or DeepSpeed ZeRO or FSDP2',
             key="training.activation_checkpointing_kwargs",
         )
 
@@ -230,7 +239,9 @@ def _prepare_output_dir(config: TrainConfig, fresh: bool) -> None:
     stale += [output_dir / name for name in run_folder.RESULTS]
     stale = [path for path in stale if path.exists()]
     if stale:
-        logger.warning("starting afresh in %s: removing the earlier run's %s", output_dir, ", ".join(p.name for p in stale))
+        logger.warning(
+            "starting afresh in %s: removing the earlier run's %s", output_dir, ", ".join(p.name for p in stale)
+        )
     for path in stale:
         if path.is_dir():
             shutil.rmtree(path)
@@ -302,7 +313,9 @@ def _evaluate(config: TrainConfig, args: SFTConfig, evaluation: EvalPlan) -> Non
     }
     try:
         loaded = load_trained(config, args.device)
-        report = run_plan(evaluation, loaded.model, loaded.tokenizer, report_dir, {**loaded.metadata, **metadata}, strict=False)
+        report = run_plan(
+            evaluation, loaded.model, loaded.tokenizer, report_dir, {**loaded.metadata, **metadata}, strict=False
+        )
     except Exception as err:  # the adapters are saved and the run completed: keep both
         logger.exception("evaluation after training failed")
         report = write_failed_report(evaluation, report_dir, err, {"model": config.model.path, **metadata})
@@ -321,8 +334,6 @@ def _versions() -> dict[str, str]:
     modules = {"monte-ds": monte_ds, "torch": torch, "transformers": transformers, "peft": peft, "trl": trl}
     modules.update({"accelerate": accelerate, "deepspeed": deepspeed, "datasets": datasets})
     return {name: module.__version__ for name, module in modules.items()}
-
-
 
 
 def _print_summary(config: TrainConfig, metrics: dict[str, Any]) -> None:

@@ -41,6 +41,7 @@ from monte_ds.train import checkpoints
 from monte_ds.train.model import keep_trainable_fp32
 from monte_ds.train.watchdog import StallWatchdog
 
+
 logger = logging.getLogger(__name__)
 
 REGULARISER_TOTAL = "regulariser"
@@ -83,11 +84,15 @@ class MonteCLoRATrainer(SFTTrainer):
 
     # -- loss ------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        result = super().compute_loss(
+            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        )
         if self.adalora is not None and self.model.training:
             loss, outputs = result if return_outputs else (result, None)
             penalty = _orthogonality(self.adalora)
-            self._metrics["train"][ORTHOGONALITY].append(self.accelerator.reduce(penalty.detach(), reduction="mean").item())
+            self._metrics["train"][ORTHOGONALITY].append(
+                self.accelerator.reduce(penalty.detach(), reduction="mean").item()
+            )
             weight = self.adalora.peft_config[self.adalora.trainable_adapter_name].orth_reg_weight
             loss = loss + weight * penalty.to(loss.device) / self.regulariser_divisor(num_items_in_batch)
             return (loss, outputs) if return_outputs else loss
@@ -109,7 +114,9 @@ class MonteCLoRATrainer(SFTTrainer):
         """
         scaled = self.loss_is_scaled_for_ga
         if scaled is None:
-            scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+            scaled = (
+                self.model_accepts_loss_kwargs and num_items_in_batch is not None
+            ) or self.compute_loss_func is not None
         return self.current_gradient_accumulation_steps if scaled else 1
 
     def _record_regulariser(self, terms: dict[str, torch.Tensor]) -> None:
@@ -269,5 +276,9 @@ def _allocator_state(tuner: AdaLoraModel) -> dict[str, Any]:
 
 def _load_allocator_state(tuner: AdaLoraModel, state: dict[str, Any]) -> None:
     allocator = tuner.rankallocator
-    allocator.ipt, allocator.exp_avg_ipt, allocator.exp_avg_unc = state["ipt"], state["exp_avg_ipt"], state["exp_avg_unc"]
+    allocator.ipt, allocator.exp_avg_ipt, allocator.exp_avg_unc = (
+        state["ipt"],
+        state["exp_avg_ipt"],
+        state["exp_avg_unc"],
+    )
     tuner.peft_config[tuner.trainable_adapter_name].rank_pattern = state["rank_pattern"]

@@ -22,6 +22,7 @@ from transformers import TrainerCallback
 
 from monte_ds.run_folder import EXIT_STALLED
 
+
 logger = logging.getLogger(__name__)
 
 

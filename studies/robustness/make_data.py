@@ -24,14 +24,42 @@ from pathlib import Path
 
 from monte_ds.atomic import atomic_write_text
 
+
 NAMES = [
-    ("Mia", "she"), ("Leo", "he"), ("Ava", "she"), ("Sam", "he"), ("Zoe", "she"), ("Max", "he"),
-    ("Lily", "she"), ("Ben", "he"), ("Emma", "she"), ("Noah", "he"), ("Ella", "she"), ("Jack", "he"),
-    ("Ruby", "she"), ("Owen", "he"), ("Nora", "she"), ("Liam", "he"),
+    ("Mia", "she"),
+    ("Leo", "he"),
+    ("Ava", "she"),
+    ("Sam", "he"),
+    ("Zoe", "she"),
+    ("Max", "he"),
+    ("Lily", "she"),
+    ("Ben", "he"),
+    ("Emma", "she"),
+    ("Noah", "he"),
+    ("Ella", "she"),
+    ("Jack", "he"),
+    ("Ruby", "she"),
+    ("Owen", "he"),
+    ("Nora", "she"),
+    ("Liam", "he"),
 ]
 THINGS = [
-    "apples", "pencils", "marbles", "stickers", "books", "cookies", "coins", "shells",
-    "cards", "balloons", "eggs", "stamps", "oranges", "crayons", "buttons", "candles",
+    "apples",
+    "pencils",
+    "marbles",
+    "stickers",
+    "books",
+    "cookies",
+    "coins",
+    "shells",
+    "cards",
+    "balloons",
+    "eggs",
+    "stamps",
+    "oranges",
+    "crayons",
+    "buttons",
+    "candles",
 ]
 MAX_ADD = 20  # operands of + and -
 MAX_MUL = 12  # operands of *
@@ -45,7 +73,9 @@ def _people(rng: random.Random) -> tuple[str, str, str]:
 def add_problem(rng: random.Random) -> tuple[str, str]:
     name, pronoun, _ = _people(rng)
     thing, a, b = rng.choice(THINGS), rng.randint(1, MAX_ADD), rng.randint(1, MAX_ADD)
-    question = f"{name} has {a} {thing}. {pronoun.capitalize()} buys {b} more {thing}. How many {thing} does {name} have now?"
+    question = (
+        f"{name} has {a} {thing}. {pronoun.capitalize()} buys {b} more {thing}. How many {thing} does {name} have now?"
+    )
     answer = f"{name} has {a} + {b} = {a + b} {thing} now.\n#### {a + b}"
     return question, answer
 
@@ -84,7 +114,10 @@ def two_step_problem(rng: random.Random) -> tuple[str, str]:
 
 
 PROBLEMS: list[Callable[[random.Random], tuple[str, str]]] = [
-    add_problem, subtract_problem, multiply_problem, two_step_problem,
+    add_problem,
+    subtract_problem,
+    multiply_problem,
+    two_step_problem,
 ]
 
 

@@ -25,6 +25,7 @@ from trl import SFTConfig, SFTTrainer
 from monte_ds.atomic import atomic_directory, atomic_write_json
 from monte_ds.tiny import build_tokenizer, tiny_llama_config
 
+
 logger = logging.getLogger("pretrain")
 
 
@@ -42,7 +43,9 @@ def fact_recall(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, fact
     generated = model.generate(**batch, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     completions = tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
     answers = [fact[fact.index("=") + 1 :].strip(" .") for fact in facts]
-    correct = sum(re.match(rf"\s*{answer}\b", completion) is not None for answer, completion in zip(answers, completions))
+    correct = sum(
+        re.match(rf"\s*{answer}\b", completion) is not None for answer, completion in zip(answers, completions)
+    )
     return correct / len(facts)
 
 
@@ -65,8 +68,9 @@ def main() -> None:
     documents = [row["text"] for row in read_jsonl(args.data / "pretrain.jsonl")]
     problems = read_jsonl(args.data / "gsm8k" / "train.jsonl")
     # The tokenizer covers the task's words too, as a real base model's tokenizer would.
-    tokenizer = build_tokenizer(documents + [f"Question: {p['question']}\nAnswer: {p['answer']}" for p in problems],
-                                vocab_size=args.vocab_size)
+    tokenizer = build_tokenizer(
+        documents + [f"Question: {p['question']}\nAnswer: {p['answer']}" for p in problems], vocab_size=args.vocab_size
+    )
     config = tiny_llama_config(
         len(tokenizer),
         hidden_size=args.hidden,
@@ -107,15 +111,27 @@ def main() -> None:
         )
         result = trainer.train()
         rng = random.Random(args.seed)
-        facts = [line for doc in rng.sample(documents, 200) for line in doc.splitlines() if re.fullmatch(r"[\d +*=.-]+", line)]
+        facts = [
+            line
+            for doc in rng.sample(documents, 200)
+            for line in doc.splitlines()
+            if re.fullmatch(r"[\d +*=.-]+", line)
+        ]
         recall = fact_recall(model, tokenizer, facts)
-        logger.info("final train loss %.3f; arithmetic fact recall %.1f%% of %d", result.training_loss, 100 * recall, len(facts))
+        logger.info(
+            "final train loss %.3f; arithmetic fact recall %.1f%% of %d", result.training_loss, 100 * recall, len(facts)
+        )
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
         atomic_write_json(
             out / "pretrain_report.json",
-            {"train_loss": result.training_loss, "arithmetic_fact_recall": recall, "n_facts": len(facts),
-             "parameters": model.num_parameters(), **vars(args) | {"data": str(args.data), "out": str(args.out)}},
+            {
+                "train_loss": result.training_loss,
+                "arithmetic_fact_recall": recall,
+                "n_facts": len(facts),
+                "parameters": model.num_parameters(),
+                **vars(args) | {"data": str(args.data), "out": str(args.out)},
+            },
         )
         shutil.rmtree(out / "trainer", ignore_errors=True)
 
