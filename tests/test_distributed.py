@@ -68,9 +68,11 @@ SETUPS = {  # both launchers are covered: `deepspeed` passes --local_rank, torch
     "zero3": ("deepspeed", ZERO3),
     "fsdp2": ("torchrun", FSDP2),
 }
-# configs/llama7b.json's checkpointing: non-reentrant, the default (reentrant is refused under ZeRO-3
-# for MonteCLoRA and under plain DDP: see test_methods and test_train_config).
+# configs/llama7b.json's checkpointing: non-reentrant, the default (reentrant is refused under plain DDP:
+# see test_train_config).
 CHECKPOINTING = ["training.activation_checkpointing=true"]
+# What TRL sets for PEFT under ZeRO-3: each block's backward replays it in a backward of its own.
+REENTRANT = [*CHECKPOINTING, 'training.activation_checkpointing_kwargs={"use_reentrant": true}']
 NF4 = 'quantization={"mode": "nf4", "double_quant": true, "compute_dtype": "float32"}'
 
 
@@ -221,15 +223,29 @@ def test_zero3_with_activation_checkpointing_and_accumulation_gives_v_and_alpha_
     assert_same_tensors(zero3[0]["adapter"], ddp[0]["adapter"], atol=1e-6)
 
 
+def test_zero3_with_reentrant_checkpointing_and_accumulation_gives_v_and_alpha_the_gradients_of_ddp(jobs):
+    """Reentrant checkpointing replays each block in a backward of its own, which reaches the step
+    node with that block's gradients only: several gradients of v and alpha per micro-step, where
+    ZeRO-3 reduces a parameter's gradient once. They are held and handed over in one piece with the
+    regulariser's, so v, alpha, A and B get DDP's gradients, and the run ends where DDP's ends."""
+    ddp = jobs("ddp", "torchrun").ranks()
+    zero3 = jobs("zero3-reentrant", *SETUPS["zero3"], *REENTRANT).ranks()
+    assert_same_tensors(sampler_grads(zero3[0]["grads"]), sampler_grads(ddp[0]["grads"]), atol=1e-7)
+    assert_same_tensors(zero3[0]["grads"], ddp[0]["grads"], atol=1e-6)
+    assert_same_tensors(zero3[0]["adapter"], ddp[0]["adapter"], atol=1e-6)
+    assert_same_tensors(zero3[1]["adapter"], zero3[0]["adapter"], atol=0)
+
+
 # -- resume after preemption ---------------------------------------------------------------------
-def test_zero3_resume_after_sigkill_reproduces_the_uninterrupted_run(jobs):
-    """ZeRO-3 + activation checkpointing + accumulation 2: the launcher and both ranks are SIGKILLed
-    once checkpoint-2 is complete; `--resume` gives steps 3-4 exactly (partitioned optimizer state,
-    per-rank RNG, the sampler counter) and the same saved adapter."""
-    overrides = (*SETUPS["zero3"], *CHECKPOINTING)
-    full = jobs("zero3-checkpointing", *overrides)
-    jobs("zero3-killed", *overrides, kill_at=2)
-    resumed = jobs("zero3-killed@resumed", *overrides, resume=True)
+@pytest.mark.parametrize("checkpointing", ["checkpointing", "reentrant"])
+def test_zero3_resume_after_sigkill_reproduces_the_uninterrupted_run(jobs, checkpointing):
+    """ZeRO-3 + activation checkpointing (non-reentrant, and reentrant) + accumulation 2: the
+    launcher and both ranks are SIGKILLed once checkpoint-2 is complete; `--resume` gives steps 3-4
+    exactly (partitioned optimizer state, per-rank RNG, the sampler counter) and the same saved adapter."""
+    overrides = (*SETUPS["zero3"], *(REENTRANT if checkpointing == "reentrant" else CHECKPOINTING))
+    full = jobs(f"zero3-{checkpointing}", *overrides)
+    jobs(f"zero3-{checkpointing}-killed", *overrides, kill_at=2)
+    resumed = jobs(f"zero3-{checkpointing}-killed@resumed", *overrides, resume=True)
     assert not (resumed.out / "checkpoint-2" / "missing").exists()
     assert_same_steps(resumed.out, full.out, [3, 4])
     assert_same_tensors(resumed.ranks()[0]["adapter"], full.ranks()[0]["adapter"], atol=0)

@@ -208,11 +208,6 @@ def test_an_option_of_another_method_or_a_bad_value_is_a_one_line_error(method, 
 
 
 ZERO2, ZERO3 = (str(Path(__file__).resolve().parents[1] / "configs" / "deepspeed" / f"zero{n}.json") for n in (2, 3))
-REENTRANT = {
-    "output_dir": "unused",
-    "activation_checkpointing": True,
-    "activation_checkpointing_kwargs": {"use_reentrant": True},
-}
 
 
 @pytest.mark.parametrize(
@@ -230,11 +225,6 @@ REENTRANT = {
             "lora",
             {"quantization": {"mode": "int8"}, "distributed": {"fsdp": {}}},
             "quantization.mode: bitsandbytes' 8-bit weights cannot be sharded",
-        ),
-        (
-            "monteclora",
-            {"distributed": {"deepspeed": ZERO3}, "training": REENTRANT},
-            "training.activation_checkpointing_kwargs.use_reentrant: MonteCLoRA under ZeRO-3 takes non-reentrant",
         ),
         (
             "adalora",

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from monte_ds import MonteCLoRAConfig, get_monteclora_model, monteclora_layers, monteclora_losses
+from monte_ds.monteclora import engine as engine_module
 from monte_ds.monteclora.engine import LOG_PARAMS, adapter_key
 from monte_ds.monteclora.math import (
     STREAM_DIRICHLET,
@@ -139,6 +140,54 @@ def test_mixed_ranks_keep_gradients_under_checkpointing(reentrant):
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         assert torch.allclose(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-7), name
+
+
+def _stacked_gradient_arrivals(model: nn.Module, steps: int) -> tuple[torch.Tensor, list[bool]]:
+    """Train-mode backwards of the task loss plus the regulariser; every time autograd reached the
+    stacked ln v / ln alpha parameter (ZeRO's reduction hook fires then, with or without a gradient)."""
+    (stacked,) = [p for name, p in model.named_parameters() if name.endswith(LOG_PARAMS)]
+    arrivals: list[bool] = []
+    stacked.register_post_accumulate_grad_hook(lambda param: arrivals.append(param.grad is not None))
+    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))
+    model.train()
+    for _ in range(steps):
+        (model(input_ids=ids, labels=ids).loss + monteclora_losses(model)["total"]).backward()
+    return stacked.grad, arrivals
+
+
+def _checkpointed_llama(reentrant: bool | None) -> nn.Module:
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(tiny_config(num_hidden_layers=3))
+    if reentrant is not None:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        base.enable_input_require_grads()
+    return get_monteclora_model(base, MonteCLoRAConfig(r=4, sample_scaler=0.5, init_lora_weights=False))
+
+
+@pytest.mark.parametrize("reentrant", [True, False, None], ids=["reentrant", "non_reentrant", "no_checkpointing"])
+def test_under_zero_v_and_alpha_get_their_gradient_once_per_backward_and_unchanged(monkeypatch, reentrant):
+    """DeepSpeed ZeRO reduces a parameter's gradient each time autograd reaches it, once per
+    backward. Reentrant checkpointing replays every block in a backward of its own, each reaching
+    the step node: for ZeRO's parameters the gradient is handed over in one piece (`_HandOver`),
+    after every block, and is the same sum (two accumulating backwards, as gradient accumulation)."""
+    expected, plain_arrivals = _stacked_gradient_arrivals(_checkpointed_llama(reentrant), steps=2)
+    assert len(plain_arrivals) == (8 if reentrant else 2)  # per backward: 3 replayed blocks, the regulariser
+    monkeypatch.setattr(engine_module, "reduces_once", lambda param: True)  # ZeRO's, as far as the engine sees
+    grad, arrivals = _stacked_gradient_arrivals(_checkpointed_llama(reentrant), steps=2)
+    assert arrivals == [True, True]
+    torch.testing.assert_close(grad, expected, rtol=0, atol=1e-7)
+
+
+def test_under_zero_a_loss_without_the_regulariser_is_an_error_not_a_lost_gradient(monkeypatch):
+    monkeypatch.setattr(engine_module, "reduces_once", lambda param: True)
+    model = _checkpointed_llama(reentrant=True)
+    ids = torch.arange(2, 12).reshape(1, 10)
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    with pytest.raises(RuntimeError, match=r"add monteclora_losses\(model\)\['total'\] to the loss"):
+        model(input_ids=ids, labels=ids)
 
 
 def test_two_adapters_with_one_seed_draw_different_noise():

@@ -15,7 +15,9 @@ beyond LoRA's, whatever the optimizer (docs/performance.md).
 The step node keeps what its backward needs as plain attributes rather than saved tensors,
 and returns no gradient for layers that sent none: reentrant activation checkpointing replays a
 block's layers in their own backward passes, each of which reaches this node with the gradients
-of that block's layers only, so the node is traversed once per block and must stay valid.
+of that block's layers only, so the node is traversed once per block and must stay valid. Under DeepSpeed ZeRO, which reduces
+a parameter's gradient once per backward, those traversals reach a detached copy of the stacked
+parameter, whose gradient `_HandOver` passes on in one piece after every block.
 """
 
 from __future__ import annotations
@@ -27,11 +29,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.autograd.function import once_differentiable
-from torch.distributed.tensor import DTensor
-from torch.distributed.tensor.placement_types import Partial
 from torch.distributions.dirichlet import _Dirichlet_backward
 
 from monte_ds.config import MonteCLoRAConfig
+from monte_ds.errors import InputError
+from monte_ds.monteclora.distributed import data_parallel_rank, full_fp32, gather_zero3, reduces_once
 from monte_ds.monteclora.math import (
     STREAM_DIRICHLET,
     STREAM_PREDICTIVE,
@@ -46,7 +48,7 @@ from monte_ds.monteclora.math import (
     seeded_generator,
     stream_seed,
 )
-from monte_ds.monteclora.sampler import NoiseGroup, NoiseSampler, data_parallel_rank
+from monte_ds.monteclora.sampler import NoiseGroup, NoiseSampler
 
 
 if TYPE_CHECKING:
@@ -64,15 +66,6 @@ def adapter_key(adapter_name: str) -> int:
     return zlib.crc32(adapter_name.encode())
 
 
-def full_fp32(param: torch.Tensor) -> torch.Tensor:
-    """The whole fp32 tensor of a parameter. FSDP2 keeps it sharded outside its block's forward:
-    a differentiable all-gather whose gradient is averaged over ranks, as FSDP does for the task
-    loss (each rank's regulariser differs, through its own noise). Plain tensors pass through."""
-    if isinstance(param, DTensor):
-        param = param.full_tensor(grad_placements=[Partial("avg")])
-    return param if param.dtype == torch.float32 else param.float()
-
-
 def stack_log_params(rows: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     """Per-layer (ln v (r_l values), ln alpha (N values)), in row order, as the stacked
     L x (r_max + N) parameter's value: ln v padded with 0 (v = 1) up to r_max, then ln alpha."""
@@ -83,27 +76,6 @@ def stack_log_params(rows: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch
             for log_v, log_alpha in rows
         ]
     )
-
-
-def gather_zero3(params: Sequence[torch.Tensor], owner: torch.nn.Module | None = None) -> None:
-    """Make ZeRO-3 partitioned v and alpha whole on this rank (collective: every rank runs the
-    same forwards) and, given `owner`, keep them whole until `owner`'s backward has ended.
-
-    The step node is built in the root module's pre-hook, so its backward runs after every
-    layer's. ZeRO-3 releases a module's parameters at that module's end of backward while it
-    records its trace (the first step, after a resume, whenever the module order changes) and
-    whenever they exceed `stage3_param_persistence_threshold`: v and alpha must therefore be
-    external parameters of the root, or the node's gradients land on released partitions."""
-    if not params or not hasattr(params[0], "ds_status"):
-        return
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus, register_external_parameter
-
-    if owner is not None:
-        for param in params:
-            register_external_parameter(owner, param)
-    released = [p for p in params if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
-    if released:
-        released[0].all_gather(param_list=released)
 
 
 @dataclass
@@ -191,6 +163,28 @@ class _StepSpec:
     draws: list[BartlettDraw]  # the partition's noise groups, in stacked order
     dtype: torch.dtype  # the deltas': the layers' weight dtype in the last forward
     with_regulariser: bool
+
+
+class _HandOver(torch.autograd.Function):
+    """Under DeepSpeed ZeRO: the step node reads a detached copy of the stacked parameter (`proxy`),
+    and this node, recorded just before it, hands the proxy's accumulated gradient to the parameter
+    in one piece. ZeRO reduces a parameter's gradient in a hook that fires each time autograd reaches
+    the parameter (even with no gradient), and cannot take a second one in the same backward; under
+    reentrant activation checkpointing each block's replay is a backward of its own that reaches the
+    step node. Recorded before the step node, this node runs after it and after every block; its
+    output, a zero, is added to the regulariser, so it is in the loss's graph."""
+
+    @staticmethod
+    def forward(ctx, proxy: tuple[torch.Tensor], param: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        # The proxy comes inside a tuple: as an input, its gradient would wait for this node's.
+        (ctx.proxy,) = proxy
+        return param.new_zeros(())
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple[None, torch.Tensor | None]:  # type: ignore[override]
+        proxy_grad, ctx.proxy.grad = ctx.proxy.grad, None
+        return None, proxy_grad
 
 
 class _StepNode(torch.autograd.Function):
@@ -309,11 +303,13 @@ def _scale_gradient(
 
 @dataclass
 class _ForwardState:
-    """One forward's per-layer weight deltas (indexed by layer), and its regulariser."""
+    """One forward's per-layer weight deltas (indexed by layer), its regulariser, and (under ZeRO)
+    the detached copies of the stacked parameters that its step nodes read."""
 
     key: tuple[int, int]
     deltas: list[torch.Tensor | None]
     regulariser: dict[str, torch.Tensor] | None = None
+    proxies: list[torch.Tensor] = field(default_factory=list)
 
 
 class MonteCLoRAEngine:
@@ -430,6 +426,11 @@ class MonteCLoRAEngine:
         self.sampler.rank = data_parallel_rank()
         index = self.forward_index
         self.forward_index += 1
+        if self._train is not None and any(proxy.grad is not None for proxy in self._train.proxies):
+            raise RuntimeError(
+                "MonteCLoRA under DeepSpeed ZeRO hands v and alpha their gradient through the regulariser: add "
+                "monteclora_losses(model)['total'] to the loss"
+            )
         self._train = None  # the previous forward's graph is the caller's, not ours
         self._train = self._build((STREAM_TRAIN, index), with_regulariser=True, root=root)
 
@@ -491,7 +492,15 @@ class MonteCLoRAEngine:
                 with_regulariser,
             )
             with torch.autocast(alpha.device.type, enabled=False):
-                outputs = _StepNode.apply(spec, log_params)
+                if with_regulariser and reduces_once(stacked):
+                    proxy = log_params.detach().requires_grad_()
+                    state.proxies.append(proxy)
+                    hand_over = _HandOver.apply((proxy,), log_params)
+                    outputs = list(_StepNode.apply(spec, proxy))
+                    first_term = len(partition.layers)
+                    outputs[first_term] = outputs[first_term] + hand_over
+                else:
+                    outputs = _StepNode.apply(spec, log_params)
             for layer, delta in zip(partition.layers, outputs, strict=False):
                 state.deltas[layer.layer_index] = delta
             if with_regulariser:
@@ -524,7 +533,7 @@ class MonteCLoRAEngine:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         if int(state["seed"]) != self.config.seed:
-            raise ValueError(
+            raise InputError(
                 f"sampler state has seed {state['seed']}, this model was built with seed {self.config.seed}"
             )
         self.forward_index = int(state["forward_index"])

@@ -7,7 +7,6 @@ files are complete on any setup (the empty-adapter bug of ZeRO-3 users does not 
 from __future__ import annotations
 
 import json
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -19,10 +18,10 @@ from torch import nn
 from monte_ds.atomic import atomic_directory
 from monte_ds.config import MonteCLoRAConfig
 from monte_ds.errors import InputError
+from monte_ds.monteclora.distributed import data_parallel_rank, gathered
 from monte_ds.monteclora.engine import LOG_PARAMS, stack_log_params
 from monte_ds.monteclora.layer import EXTRA_PARAMS, LEGACY_PARAMS
 from monte_ds.monteclora.model import get_monteclora_model, monteclora_engine, monteclora_layers, peft_model_of
-from monte_ds.monteclora.sampler import data_parallel_rank
 
 
 WEIGHTS_NAME = SAFETENSORS_WEIGHTS_NAME  # peft's: the export loads with PeftModel.from_pretrained
@@ -35,23 +34,13 @@ LEGACY_SAMPLER_JSON = "sampler_state.json"  # its name in adapters saved before;
 def _unwrap(model: nn.Module) -> PeftModel:
     peft_model = peft_model_of(model)
     if peft_model is None:
-        raise ValueError(f"expected a PeftModel built by get_monteclora_model, got {type(model).__name__}")
+        raise InputError(f"expected a PeftModel built by get_monteclora_model, got {type(model).__name__}")
     return peft_model
-
-
-def _gathered(model: nn.Module):
-    """Gather ZeRO-3 partitioned parameters for reading (a no-op elsewhere)."""
-    params = [p for p in model.parameters() if hasattr(p, "ds_id")]
-    if not params:
-        return nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
 def _full_cpu_state(peft_model: PeftModel, adapter_name: str) -> dict[str, torch.Tensor]:
     """The adapter's state dict, complete and on CPU (collective under ZeRO-3/FSDP2: call on all ranks)."""
-    with _gathered(peft_model):
+    with gathered(peft_model):
         state = get_peft_model_state_dict(peft_model, adapter_name=adapter_name)
         full = {}
         for key, tensor in state.items():

@@ -14,6 +14,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from monte_ds.config import MonteCLoRAConfig
+from monte_ds.errors import InputError
 from monte_ds.monteclora.engine import REGULARISER_TERMS, MonteCLoRAEngine
 from monte_ds.monteclora.layer import MonteCLoRALinearA
 from monte_ds.monteclora.targets import check_targets, infer_task_type
@@ -59,7 +60,7 @@ def get_monteclora_model(
 
     `model` may already be a PeftModel: the adapter is then added under `adapter_name` (not
     activated, as peft's `add_adapter`), with its own engine. `config.task_type=None` is
-    inferred from the model. Raises ValueError naming every target entry that matches no
+    inferred from the model. Raises `InputError` naming every target entry that matches no
     module, and the module when a targeted layer is not linear (embedding, convolution, ...):
     nothing falls back to plain LoRA silently. Only peft's default init of A is re-drawn from
     the seed; every other `init_lora_weights` is kept exactly.
@@ -77,12 +78,12 @@ def get_monteclora_model(
     for name, module in peft_model.named_modules():
         if not isinstance(module, LoraLayer) or adapter_name not in module.lora_A:
             if isinstance(module, LoraLayer) and adapter_name in getattr(module, "lora_embedding_A", {}):
-                raise ValueError(
+                raise InputError(
                     f"MonteCLoRA supports linear layers only; {name} is {type(module.get_base_layer()).__name__}"
                 )
             continue
         if type(module) not in supported:
-            raise ValueError(
+            raise InputError(
                 f"MonteCLoRA supports linear layers only (nn.Linear, bitsandbytes Linear4bit/Linear8bitLt); "
                 f"{name} is {type(module.get_base_layer()).__name__}"
             )
@@ -93,7 +94,7 @@ def get_monteclora_model(
             module.lora_A[adapter_name].weight.requires_grad_(False)
             module.lora_B[adapter_name].weight.requires_grad_(False)
     if not engine.layers:
-        raise ValueError(f"target_modules {config.resolved_target_modules!r} matched no linear layer")
+        raise InputError(f"target_modules {config.resolved_target_modules!r} matched no linear layer")
     engine.stack_parameters()
     root = peft_model.get_base_model()
     root.register_forward_pre_hook(ForwardStart(engine, _lora_layer(peft_model)))
@@ -168,11 +169,11 @@ def monteclora_engine(model: nn.Module, adapter_name: str | None = None) -> Mont
     """The engine of `adapter_name` (default: the model's only, or first, MonteCLoRA adapter)."""
     engines = monteclora_engines(model)
     if not engines:
-        raise ValueError("model has no MonteCLoRA layers (build it with monte_ds.get_monteclora_model)")
+        raise InputError("model has no MonteCLoRA layers (build it with monte_ds.get_monteclora_model)")
     if adapter_name is None:
         return next(iter(engines.values()))
     if adapter_name not in engines:
-        raise ValueError(f"no MonteCLoRA adapter named {adapter_name!r}; the model has {', '.join(engines)}")
+        raise InputError(f"no MonteCLoRA adapter named {adapter_name!r}; the model has {', '.join(engines)}")
     return engines[adapter_name]
 
 
@@ -184,7 +185,7 @@ def monteclora_losses(model: nn.Module) -> dict[str, torch.Tensor]:
     """
     engines = monteclora_engines(model)
     if not engines:
-        raise ValueError("model has no MonteCLoRA layers (build it with monte_ds.get_monteclora_model)")
+        raise InputError("model has no MonteCLoRA layers (build it with monte_ds.get_monteclora_model)")
     lora_layer = _lora_layer(model)
     terms = [engine.regulariser() for name, engine in engines.items() if _is_active(lora_layer, name)]
     if not terms:

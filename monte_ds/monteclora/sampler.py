@@ -21,15 +21,14 @@ until the backward, as LoRA keeps its activations) plus, in asynchronous mode, t
 
 from __future__ import annotations
 
-import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
+from monte_ds.monteclora.distributed import data_parallel_rank
 from monte_ds.monteclora.math import STREAM_TRAIN, BartlettDraw, draw_bartlett, seeded_generator, stream_seed
 
 
@@ -45,13 +44,6 @@ class NoiseGroup:
     dof: float
     device: torch.device
     count: int
-
-
-def data_parallel_rank() -> int:
-    """The global rank of this process (each data-parallel rank draws its own noise)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank()
-    return int(os.environ.get("RANK", "0"))
 
 
 def resolve_mode(mode: str, device: torch.device) -> str:

@@ -2,7 +2,7 @@
 
 peft adapts whatever its patterns match and silently skips the rest, so `["q_proj", "v_prj"]`
 adapts q_proj alone and a wrong `rank_pattern` key leaves its layers at `r`. Here every entry
-must match: `check_targets` raises one `ValueError` naming all the entries that match nothing,
+must match: `check_targets` raises one `InputError` naming all the entries that match nothing,
 before any layer is built. Matching is peft's own (`check_target_module_exists`,
 `get_pattern_key`'s rule), so what passes here is what peft then adapts.
 """
@@ -20,6 +20,7 @@ from torch import nn
 from transformers.models.auto import modeling_auto
 
 from monte_ds.config import MonteCLoRAConfig
+from monte_ds.errors import InputError
 
 
 # transformers' auto classes per peft task type, most specific first (a seq2seq LM is also
@@ -57,10 +58,10 @@ def module_names(model: nn.Module) -> list[str]:
 
 
 def check_targets(model: nn.Module, config: MonteCLoRAConfig) -> None:
-    """Raise one `ValueError` naming every target entry of `config` that matches nothing in `model`."""
+    """Raise one `InputError` naming every target entry of `config` that matches nothing in `model`."""
     problems = target_problems(module_names(model), config)
     if problems:
-        raise ValueError("; ".join(problems))
+        raise InputError("; ".join(problems))
 
 
 def target_problems(names: Sequence[str], config: MonteCLoRAConfig) -> list[str]:

@@ -318,13 +318,6 @@ def validate_config(raw: dict[str, Any]) -> TrainConfig:
             "a GGUF base is loaded whole, then dequantised; ZeRO-3 and FSDP2 need a safetensors base",
             key="model.gguf_file",
         )
-    reentrant = (training.get("activation_checkpointing_kwargs") or {}).get("use_reentrant")
-    if method == "monteclora" and config.zero_stage == 3 and training.get("activation_checkpointing") and reentrant:
-        raise UserError(
-            "MonteCLoRA under ZeRO-3 takes non-reentrant activation checkpointing (the default): reentrant replays "
-            "give v and alpha one gradient per block, which ZeRO-3's gradient reduction fails on",
-            key="training.activation_checkpointing_kwargs.use_reentrant",
-        )
     if config.shards_parameters and quantization.mode == "int8":
         raise UserError(
             "bitsandbytes' 8-bit weights cannot be sharded (ZeRO-3, FSDP2); use nf4 or fp4, whose storage is then "
