@@ -26,8 +26,8 @@ from monte_ds.cli import main as cli_main
 from monte_ds.errors import UserError
 from monte_ds.tiny import build_tiny_llama, build_tokenizer
 from monte_ds.train import checkpoints
-from monte_ds.train.config import DataSection
-from monte_ds.train.data import Source, _loss_masks, _truncated, bundled_path, check_trainable_tokens, training_dataset
+from monte_ds.train.data import DataSection, Source, bundled_path, check_trainable_tokens, training_dataset
+from monte_ds.train.data.tokens import _loss_masks, _truncated
 
 
 ALPACA = [

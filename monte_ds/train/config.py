@@ -26,7 +26,7 @@ from monte_ds import pretrained, schema
 from monte_ds.config import MonteCLoRAConfig
 from monte_ds.errors import InputError, UserError, first_line
 from monte_ds.evaluation.options import EvalOptions
-from monte_ds.train.data import BUNDLED_PREFIX, DATA_SUFFIXES, ON_BAD_ROWS, bundled_path
+from monte_ds.train.data import BUNDLED_PREFIX, DATA_SUFFIXES, FORMATS, ON_BAD_ROWS, DataSection, bundled_path
 from monte_ds.train.methods import (
     METHODS,
     MONTECLORA_ONLY,
@@ -44,7 +44,6 @@ logger = logging.getLogger(__name__)
 DTYPES = ["auto", "float32", "bfloat16", "float16"]
 ATTENTION = ["eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"]
 QUANTIZATION_MODES = ["none", "nf4", "fp4", "int8"]
-DATA_FORMATS = ["auto", "alpaca", "messages", "text", "prompt_completion", "template"]
 # peft's LoraConfig fields: those the adapter section lacks are named as not offered (docs/training.md says why).
 LORA_FIELDS = {f.name for f in dataclasses.fields(LoraConfig)}
 # SFTConfig fields this recipe owns: set elsewhere in the config or by the launcher.
@@ -112,7 +111,7 @@ def config_schema() -> dict[str, Any]:
             "data": _section(
                 {
                     "path": {"type": "string", "minLength": 1},
-                    "format": {"enum": DATA_FORMATS},
+                    "format": {"enum": list(FORMATS)},
                     "split": {"type": "string", "minLength": 1},
                     "subset": {"type": ["string", "null"]},
                     "max_samples": {"type": ["integer", "null"], "minimum": 1},
@@ -160,18 +159,6 @@ class QuantizationSection:
     @property
     def enabled(self) -> bool:
         return self.mode != "none"
-
-
-@dataclass(frozen=True)
-class DataSection:
-    path: str
-    format: str = "auto"
-    split: str = "train"
-    subset: str | None = None
-    max_samples: int | None = None
-    prompt_template: str | None = None  # format "template": the prompt, with {column} placeholders
-    completion_column: str = "completion"  # format "template": the column trained on
-    on_bad_rows: str = "error"  # "skip": drop rows that fail the checks, with a warning naming them
 
 
 @dataclass(frozen=True)
