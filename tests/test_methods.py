@@ -17,9 +17,10 @@ from monte_ds import run_folder
 from monte_ds.errors import UserError
 from monte_ds.train import run
 from monte_ds.train.config import load_config, validate_config
-from monte_ds.train.methods import ACCEPTED, METHODS
+from monte_ds.train.methods import ACCEPTED, METHODS, REGISTRY
+from monte_ds.train.methods.adalora import ORTHOGONALITY
 from monte_ds.train.model import attach_adapter, load_base_model, load_tokenizer
-from monte_ds.train.trainer import ORTHOGONALITY, MonteCLoRATrainer
+from monte_ds.train.trainer import MonteCLoRATrainer
 from tests.test_train_run import DATA, metrics, step_logs, tiny_base, train, write_config  # noqa: F401 (tiny_base: a fixture)
 
 
@@ -135,7 +136,11 @@ def test_adalora_orthogonality_enters_the_training_loss_once(tmp_path, tiny_base
         load_base_model(plan.config, torch.device("cpu"), sharded=False), plan.config, 0, False, None
     )
     trainer = MonteCLoRATrainer(
-        model=model, args=plan.args, train_dataset=plan.dataset, processing_class=load_tokenizer(plan.config)
+        model=model,
+        args=plan.args,
+        train_dataset=plan.dataset,
+        processing_class=load_tokenizer(plan.config),
+        method=REGISTRY["adalora"],
     )
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     model.train()
@@ -143,7 +148,7 @@ def test_adalora_orthogonality_enters_the_training_loss_once(tmp_path, tiny_base
     with_penalty = trainer.compute_loss(model, dict(batch)).item()
     config.orth_reg_weight = 0.0  # peft's forward reads the same config
     without = trainer.compute_loss(model, dict(batch)).item()
-    penalty = trainer._metrics["train"][ORTHOGONALITY][0]
+    penalty = trainer.regulariser_logs[ORTHOGONALITY][0]
     assert penalty > 0 and with_penalty - without == pytest.approx(0.5 * penalty, rel=1e-4)
 
 

@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 
 import torch
-from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft import PeftModel, prepare_model_for_kbit_training
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -23,11 +23,10 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from monte_ds import pretrained
 from monte_ds.atomic import atomic_directory
 from monte_ds.errors import UserError, first_line
-from monte_ds.monteclora import get_monteclora_model
 from monte_ds.monteclora.targets import module_names, target_problems
 from monte_ds.tiny import build_tiny_llama, tiny_llama_config
 from monte_ds.train.config import QuantizationSection, TrainConfig
-from monte_ds.train.methods import ACCEPTED, peft_config
+from monte_ds.train.methods import REGISTRY
 
 
 logger = logging.getLogger(__name__)
@@ -89,7 +88,7 @@ def check_adapter_targets(config: TrainConfig, model_config: PretrainedConfig) -
     """Every adapter target must match a module of the model, built on the meta device (no
     weights read): all the problems in one user error, before anything is written. Methods that
     target no modules (full fine-tuning, prompt tuning) have nothing to check."""
-    if "target_modules" not in ACCEPTED[config.method]:
+    if not REGISTRY[config.method].targets_modules:
         return
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(model_config, trust_remote_code=config.model.trust_remote_code)
@@ -165,22 +164,4 @@ def attach_adapter(
             gradient_checkpointing_kwargs=activation_checkpointing_kwargs,
         )
     set_seed(seed)
-    if config.method == "full":
-        return model
-    if config.method == "monteclora":
-        return get_monteclora_model(model, config.adapter)
-    return get_peft_model(model, peft_config(config.method, config.adapter, config.method_options, config.model.path))
-
-
-def keep_trainable_fp32(model: torch.nn.Module) -> list[str]:
-    """Cast the trainable parameters back to fp32 and return their names.
-
-    TRL casts a QLoRA adapter to bf16: MonteCLoRA's epsilon-scaled perturbation of A would round
-    away in bf16, and A's fp32 output must meet an fp32 B.
-    """
-    cast = []
-    for name, param in model.named_parameters():
-        if param.requires_grad and param.dtype != torch.float32:
-            param.data = param.data.float()
-            cast.append(name)
-    return cast
+    return REGISTRY[config.method].attach(model, config.adapter, config.method_options, config.model.path)

@@ -22,7 +22,6 @@ import os
 import shutil
 import sys
 from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,7 +35,7 @@ from trl import SFTConfig
 
 import monte_ds
 from monte_ds import run_folder
-from monte_ds.atomic import atomic_directory, atomic_write_json
+from monte_ds.atomic import atomic_write_json
 from monte_ds.errors import UserError, first_line
 from monte_ds.flags import ArgumentParser
 from monte_ds.monteclora.engine import REGULARISER_TERMS
@@ -44,7 +43,7 @@ from monte_ds.tiny import build_tokenizer
 from monte_ds.train import checkpoints
 from monte_ds.train.config import TrainConfig, load_config, training_arguments
 from monte_ds.train.data import check_trainable_tokens, dataset_texts, training_dataset
-from monte_ds.train.methods import LORA_ADAPTERS
+from monte_ds.train.methods import REGISTRY
 from monte_ds.train.model import (
     attach_adapter,
     check_adapter_targets,
@@ -165,20 +164,20 @@ def execute(plan: Plan) -> int:
     model = attach_adapter(
         model, config, args.seed, args.activation_checkpointing, args.activation_checkpointing_kwargs
     )
-    loraplus = config.method == "loraplus"
     trainer = MonteCLoRATrainer(
         model=model,
         args=args,
         train_dataset=plan.dataset,
         processing_class=tokenizer,
-        loraplus_lr_ratio=config.method_options.loraplus_lr_ratio if loraplus else None,
-        loraplus_lr_embedding=config.method_options.loraplus_lr_embedding,
+        method=REGISTRY[config.method],
+        method_options=config.method_options,
     )
     result = trainer.train(resume_from_checkpoint=str(plan.resume_from) if plan.resume_from else None)
 
     status = run_folder.DIVERGED if trainer.diverged else run_folder.COMPLETED
     if status == run_folder.COMPLETED:
-        _save_adapters(trainer, config)
+        REGISTRY[config.method].save(trainer, config.output_dir)  # collective: every rank calls it
+        trainer.accelerator.wait_for_everyone()
     if trainer.is_world_process_zero():
         metrics = {
             "status": status,
@@ -251,25 +250,7 @@ def _prepare_output_dir(config: TrainConfig, fresh: bool) -> None:
 
 def inference_dir(config: TrainConfig) -> Path:
     """Where a finished run keeps what its method needs for inference."""
-    if config.method == "monteclora":
-        return config.output_dir / run_folder.ADAPTER_DIR
-    if config.method == "full":
-        return config.output_dir / run_folder.MODEL_DIR
-    peft_dir = run_folder.LORA_ADAPTER_DIR if config.method in LORA_ADAPTERS else run_folder.PEFT_ADAPTER_DIR
-    return config.output_dir / peft_dir
-
-
-def _save_adapters(trainer: MonteCLoRATrainer, config: TrainConfig) -> None:
-    """Collective under ZeRO-3/FSDP2 (the parameters are gathered): every rank calls it. peft
-    adapters and the full model are saved by the Trainer, which gathers them on every backend."""
-    if config.method == "monteclora":
-        monte_ds.save_adapter(trainer.model, config.output_dir / run_folder.ADAPTER_DIR)
-        monte_ds.export_lora_adapter(trainer.model, config.output_dir / run_folder.LORA_ADAPTER_DIR)
-    else:
-        directory = inference_dir(config)
-        with atomic_directory(directory) if trainer.args.should_save else nullcontext(directory) as target:
-            trainer.save_model(str(target))
-    trainer.accelerator.wait_for_everyone()
+    return REGISTRY[config.method].inference_dir(config.output_dir)
 
 
 def load_trained(config: TrainConfig, device: torch.device) -> LoadedModel:
@@ -278,14 +259,14 @@ def load_trained(config: TrainConfig, device: torch.device) -> LoadedModel:
     from monte_ds.evaluation.loading import load_model
 
     unset_hf_deepspeed_config()  # the reload must not be partitioned by zero.Init
-    full = config.method == "full"
+    whole = REGISTRY[config.method].saves_model
     return load_model(
-        inference_dir(config) if full else config.model.path,
-        None if full else inference_dir(config),
+        inference_dir(config) if whole else config.model.path,
+        None if whole else inference_dir(config),
         dtype=config.model.dtype,
         device=device,
         quantization=quantization_config(config.quantization, shards_parameters=False),
-        revision=None if full else config.model.revision,
+        revision=None if whole else config.model.revision,
         trust_remote_code=config.model.trust_remote_code,
         attn_implementation=config.model.attn_implementation,
         gguf_file=config.model.gguf_file,
