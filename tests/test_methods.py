@@ -152,6 +152,19 @@ def test_adalora_orthogonality_enters_the_training_loss_once(tmp_path, tiny_base
     assert penalty > 0 and with_penalty - without == pytest.approx(0.5 * penalty, rel=1e-4)
 
 
+def test_a_trainer_built_without_a_method_trains_monteclora_and_refuses_another_model(tmp_path, tiny_base):
+    """Library users get MonteCLoRA's hooks by default (test_train_run checks its regulariser); on
+    another method's model the default says to pass that method's record."""
+    plan = run.plan_run(["--config", str(method_config(tmp_path, tiny_base, "lora"))])
+    model = attach_adapter(
+        load_base_model(plan.config, torch.device("cpu"), sharded=False), plan.config, 0, False, None
+    )
+    kwargs = {"args": plan.args, "train_dataset": plan.dataset, "processing_class": load_tokenizer(plan.config)}
+    with pytest.raises(ValueError, match="this model has no MonteCLoRA layers"):
+        MonteCLoRATrainer(model=model, **kwargs)
+    assert not MonteCLoRATrainer(model=model, method=REGISTRY["lora"], **kwargs).is_monteclora
+
+
 @pytest.mark.parametrize("method", ["dora", "adalora", "ia3", "prompt_tuning"])
 def test_peft_methods_train_on_a_4bit_base(tmp_path, tiny_base, method):
     config = method_config(tmp_path, tiny_base, method)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections import defaultdict
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +106,7 @@ class MonteCLoRATrainer(SFTTrainer):
             ) or self.compute_loss_func is not None
         return self.current_gradient_accumulation_steps if scaled else 1
 
-    def _record(self, logged: dict[str, torch.Tensor]) -> None:
+    def _record(self, logged: Mapping[str, torch.Tensor]) -> None:
         """Queue the values, averaged over ranks (one collective), for the next log."""
         values = torch.stack([value.detach().to(self.accelerator.device) for value in logged.values()])
         values = self.accelerator.reduce(values, reduction="mean")

@@ -62,6 +62,9 @@ def _check_options(adapter: MonteCLoRAConfig, options: MethodOptions) -> None:
 
 
 class AdaLoraHooks(TrainerHooks):
+    tuner: AdaLoraModel  # set up with the trainer
+    budget: AdaLoraBudget
+
     def setup(self, trainer: MonteCLoRATrainer) -> None:
         tuner = trainer.model.base_model if isinstance(trainer.model, PeftModel) else None
         if not isinstance(tuner, AdaLoraModel):

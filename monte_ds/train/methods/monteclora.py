@@ -16,6 +16,7 @@ from monte_ds.monteclora import (
     export_lora_adapter,
     get_monteclora_model,
     load_sampler_state,
+    monteclora_layers,
     monteclora_losses,
     sampler_state,
     save_adapter,
@@ -36,6 +37,11 @@ REGULARISER_TOTAL = "regulariser"  # the logged name of the whole term, beside R
 
 class MonteCLoRAHooks(TrainerHooks):
     def setup(self, trainer: MonteCLoRATrainer) -> None:
+        if next(monteclora_layers(trainer.model), None) is None:
+            raise ValueError(
+                "MonteCLoRATrainer trains MonteCLoRA unless given another method's record "
+                "(method=monte_ds.train.methods.REGISTRY[name]); this model has no MonteCLoRA layers"
+            )
         cast = keep_trainable_fp32(trainer.model)
         if cast:
             logger.info("kept %d MonteCLoRA parameters in fp32 (TRL had cast them to bf16)", len(cast))
