@@ -16,7 +16,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from peft import LoraConfig
@@ -26,7 +26,8 @@ from monte_ds import pretrained, schema
 from monte_ds.config import MonteCLoRAConfig
 from monte_ds.errors import InputError, UserError, first_line
 from monte_ds.evaluation.options import EvalOptions
-from monte_ds.train.data import BUNDLED_PREFIX, DATA_SUFFIXES, FORMATS, ON_BAD_ROWS, DataSection, bundled_path
+from monte_ds.schema import option
+from monte_ds.train.data import BUNDLED_PREFIX, DATA_SUFFIXES, DataSection, bundled_path
 from monte_ds.train.methods import (
     METHODS,
     MONTECLORA_ONLY,
@@ -41,11 +42,12 @@ from monte_ds.train.methods import (
 
 logger = logging.getLogger(__name__)
 
-DTYPES = ["auto", "float32", "bfloat16", "float16"]
-ATTENTION = ["eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"]
-QUANTIZATION_MODES = ["none", "nf4", "fp4", "int8"]
-# peft's LoraConfig fields: those the adapter section lacks are named as not offered (docs/training.md says why).
-LORA_FIELDS = {f.name for f in dataclasses.fields(LoraConfig)}
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+COMPUTE_DTYPES = DTYPES[1:]
+ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+QUANTIZATION_MODES = ("none", "nf4", "fp4", "int8")
+# Every field of peft's LoraConfig: those the adapter section lacks are named as not offered (docs/training.md says why).
+PEFT_LORA_CONFIG_FIELDS = {f.name for f in dataclasses.fields(LoraConfig)}
 # SFTConfig fields this recipe owns: set elsewhere in the config or by the launcher.
 TRAINING_OWNED = {
     "deepspeed": "set it in distributed.deepspeed",
@@ -57,17 +59,49 @@ TRAINING_OWNED = {
     "do_eval": "the eval section evaluates after training",
     "do_predict": "the eval section evaluates after training",
 }
-FSDP_KEYS = {
-    "version": {"enum": [2]},
-    "reshard_after_forward": {"type": "boolean"},
-    "auto_wrap_policy": {"enum": ["TRANSFORMER_BASED_WRAP", "SIZE_BASED_WRAP", "NO_WRAP"]},
-    "transformer_layer_cls_to_wrap": {"type": "array", "items": {"type": "string"}},
-    "min_num_params": {"type": "integer", "minimum": 0},
-    "cpu_offload": {"type": "boolean"},
-    "cpu_ram_efficient_loading": {"type": "boolean"},
-    "state_dict_type": {"enum": ["FULL_STATE_DICT", "SHARDED_STATE_DICT"]},
-    "activation_checkpointing": {"type": "boolean"},
-}
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    path: str = option(minLength=1)
+    dtype: Literal[DTYPES] = "auto"
+    attn_implementation: Literal[(*ATTENTION, None)] = None
+    revision: str | None = None
+    trust_remote_code: bool = False
+    build_tiny: bool = False
+    # A packaged pretrained base converted to `path` once (monte_ds.pretrained).
+    prepare: Literal[(*pretrained.PACKAGED, None)] = None
+    # A GGUF file inside `path`, dequantised to `dtype` on every load.
+    gguf_file: str | None = option(None, minLength=1)
+
+
+@dataclass(frozen=True)
+class QuantizationSection:
+    mode: Literal[QUANTIZATION_MODES] = "none"
+    double_quant: bool = False
+    compute_dtype: Literal[COMPUTE_DTYPES] = "bfloat16"
+    quant_storage: Literal[("auto", "uint8", *COMPUTE_DTYPES)] = "auto"
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "none"
+
+
+@dataclass(frozen=True)
+class FsdpKeys:
+    """The keys `distributed.fsdp` takes (TrainingArguments' `fsdp_config`, FSDP2). The section is
+    passed on as written, a key left out keeping accelerate's default: this class only declares
+    the keys for the schema (hence no defaults, and no instances)."""
+
+    version: Literal[2]
+    reshard_after_forward: bool
+    auto_wrap_policy: Literal["TRANSFORMER_BASED_WRAP", "SIZE_BASED_WRAP", "NO_WRAP"]
+    transformer_layer_cls_to_wrap: list[str]
+    min_num_params: int = option(minimum=0)
+    cpu_offload: bool
+    cpu_ram_efficient_loading: bool
+    state_dict_type: Literal["FULL_STATE_DICT", "SHARDED_STATE_DICT"]
+    activation_checkpointing: bool
 
 
 def _section(properties: dict[str, Any], required: Sequence[str] = ()) -> dict[str, Any]:
@@ -75,59 +109,31 @@ def _section(properties: dict[str, Any], required: Sequence[str] = ()) -> dict[s
 
 
 def config_schema() -> dict[str, Any]:
-    """The whole file's schema (the `training` and `adapter` parts come from the dataclasses)."""
-    adapter = schema.dataclass_schema(MonteCLoRAConfig)
-    adapter["properties"].update(schema.dataclass_schema(MethodOptions)["properties"])
+    """The whole file's schema, each section's derived from its dataclass (`schema.dataclass_schema`).
+
+    The adapter's is the types of MonteCLoRAConfig and MethodOptions only: their bounds are checked
+    when they are built (`schema.check_fields`), which words an error the same from Python and
+    from a config file ("adapter.r: must be >= 1, got 0").
+    """
+    adapter = schema.dataclass_schema(MonteCLoRAConfig, bounds=False)
+    adapter["properties"].update(schema.dataclass_schema(MethodOptions, bounds=False)["properties"])
     adapter["properties"]["method"] = {"enum": list(METHODS)}
     training = schema.dataclass_schema(SFTConfig)
     for key in TRAINING_OWNED:
         training["properties"].pop(key, None)
     training["required"] = ["output_dir"]
     training["properties"]["output_dir"] = {"type": "string", "minLength": 1}
+    fsdp = {**schema.dataclass_schema(FsdpKeys), "required": []}  # every key optional: passed on as written
     return _section(
         {
-            "model": _section(
-                {
-                    "path": {"type": "string", "minLength": 1},
-                    "dtype": {"enum": DTYPES},
-                    "attn_implementation": {"enum": [*ATTENTION, None]},
-                    "revision": {"type": ["string", "null"]},
-                    "trust_remote_code": {"type": "boolean"},
-                    "build_tiny": {"type": "boolean"},
-                    "prepare": {"enum": [*pretrained.PACKAGED, None]},
-                    "gguf_file": {"type": ["string", "null"], "minLength": 1},
-                },
-                required=["path"],
-            ),
-            "quantization": _section(
-                {
-                    "mode": {"enum": QUANTIZATION_MODES},
-                    "double_quant": {"type": "boolean"},
-                    "compute_dtype": {"enum": DTYPES[1:]},
-                    "quant_storage": {"enum": ["auto", "uint8", *DTYPES[1:]]},
-                }
-            ),
+            "model": schema.dataclass_schema(ModelSection),
+            "quantization": schema.dataclass_schema(QuantizationSection),
             "adapter": adapter,
-            "data": _section(
-                {
-                    "path": {"type": "string", "minLength": 1},
-                    "format": {"enum": list(FORMATS)},
-                    "split": {"type": "string", "minLength": 1},
-                    "subset": {"type": ["string", "null"]},
-                    "max_samples": {"type": ["integer", "null"], "minimum": 1},
-                    "prompt_template": {"type": ["string", "null"]},
-                    "completion_column": {"type": "string", "minLength": 1},
-                    "on_bad_rows": {"enum": list(ON_BAD_ROWS)},
-                },
-                required=["path"],
-            ),
+            "data": schema.dataclass_schema(DataSection),
             "training": training,
             "distributed": {
                 "type": "object",
-                "properties": {
-                    "deepspeed": {"type": ["object", "string"]},
-                    "fsdp": _section(FSDP_KEYS),
-                },
+                "properties": {"deepspeed": {"type": ["object", "string"]}, "fsdp": fsdp},
                 "additionalProperties": False,
                 "maxProperties": 1,
             },
@@ -135,30 +141,6 @@ def config_schema() -> dict[str, Any]:
         },
         required=["model", "data", "training"],
     )
-
-
-@dataclass(frozen=True)
-class ModelSection:
-    path: str
-    dtype: str = "auto"
-    attn_implementation: str | None = None
-    revision: str | None = None
-    trust_remote_code: bool = False
-    build_tiny: bool = False
-    prepare: str | None = None  # a packaged pretrained base converted to `path` once (monte_ds.pretrained)
-    gguf_file: str | None = None  # a GGUF file inside `path`, dequantised to `dtype` on every load
-
-
-@dataclass(frozen=True)
-class QuantizationSection:
-    mode: str = "none"
-    double_quant: bool = False
-    compute_dtype: str = "bfloat16"
-    quant_storage: str = "auto"
-
-    @property
-    def enabled(self) -> bool:
-        return self.mode != "none"
 
 
 @dataclass(frozen=True)
@@ -257,7 +239,7 @@ def validate_config(raw: dict[str, Any]) -> TrainConfig:
     full_schema = config_schema()
     adapter = raw.get("adapter")
     offered = full_schema["properties"]["adapter"]["properties"]
-    for key in sorted(LORA_FIELDS & set(adapter) - set(offered)) if isinstance(adapter, dict) else ():
+    for key in sorted(PEFT_LORA_CONFIG_FIELDS & set(adapter) - set(offered)) if isinstance(adapter, dict) else ():
         raise UserError(
             f"peft's LoraConfig option {key!r} is not offered with MonteCLoRA (see docs/training.md)",
             key=f"adapter.{key}",

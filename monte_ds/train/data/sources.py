@@ -13,12 +13,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import datasets
 import huggingface_hub
 
 from monte_ds.errors import UserError, first_line
+from monte_ds.schema import option
 from monte_ds.train.data import formats, rows
 from monte_ds.train.data.rows import Rows, Source
 
@@ -33,14 +34,15 @@ SAVED_DATASET_FILES = ("dataset_info.json", "dataset_dict.json")  # what `save_t
 
 @dataclass(frozen=True)
 class DataSection:
-    path: str
-    format: str = "auto"
-    split: str = "train"
+    path: str = option(minLength=1)
+    format: Literal[formats.FORMATS] = "auto"
+    split: str = option("train", minLength=1)
     subset: str | None = None
-    max_samples: int | None = None
+    max_samples: int | None = option(None, minimum=1)
     prompt_template: str | None = None  # format "template": the prompt, with {column} placeholders
-    completion_column: str = "completion"  # format "template": the column trained on
-    on_bad_rows: str = "error"  # "skip": drop rows that fail the checks, with a warning naming them
+    completion_column: str = option("completion", minLength=1)  # format "template": the column trained on
+    # "skip": drop rows that fail the checks, with a warning naming them.
+    on_bad_rows: Literal[rows.ON_BAD_ROWS] = "error"
 
 
 def training_dataset(data: DataSection) -> tuple[datasets.Dataset, Source]:
