@@ -223,13 +223,14 @@ def test_zero3_with_activation_checkpointing_and_accumulation_gives_v_and_alpha_
     assert_same_tensors(zero3[0]["adapter"], ddp[0]["adapter"], atol=1e-6)
 
 
-def test_zero3_with_reentrant_checkpointing_and_accumulation_gives_v_and_alpha_the_gradients_of_ddp(jobs):
+@pytest.mark.parametrize("setup", ["zero2", "zero3"])
+def test_zero_with_reentrant_checkpointing_and_accumulation_gives_v_and_alpha_the_gradients_of_ddp(jobs, setup):
     """Reentrant checkpointing replays each block in a backward of its own, which reaches the step
     node with that block's gradients only: several gradients of v and alpha per micro-step, where
-    ZeRO-3 reduces a parameter's gradient once. They are held and handed over in one piece with the
-    regulariser's, so v, alpha, A and B get DDP's gradients, and the run ends where DDP's ends."""
+    ZeRO-2 and ZeRO-3 reduce a parameter's gradient once. They are held and handed over in one piece
+    with the regulariser's, so v, alpha, A and B get DDP's gradients, and the run ends where DDP's ends."""
     ddp = jobs("ddp", "torchrun").ranks()
-    zero3 = jobs("zero3-reentrant", *SETUPS["zero3"], *REENTRANT).ranks()
+    zero3 = jobs(f"{setup}-reentrant", *SETUPS[setup], *REENTRANT).ranks()
     assert_same_tensors(sampler_grads(zero3[0]["grads"]), sampler_grads(ddp[0]["grads"]), atol=1e-7)
     assert_same_tensors(zero3[0]["grads"], ddp[0]["grads"], atol=1e-6)
     assert_same_tensors(zero3[0]["adapter"], ddp[0]["adapter"], atol=1e-6)

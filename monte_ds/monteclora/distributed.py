@@ -53,8 +53,9 @@ def gather_zero3(params: Sequence[torch.Tensor], owner: torch.nn.Module | None =
 
 
 def reduces_once(param: torch.Tensor) -> bool:
-    """DeepSpeed ZeRO's parameters: their gradient is reduced as it arrives, once per backward."""
-    return hasattr(param, "ds_status")
+    """DeepSpeed ZeRO's parameters, whose gradient its hook reduces as it arrives, once per backward.
+    DeepSpeed marks them: ZeRO-3 with `ds_status`, ZeRO-1/2 (and its bf16 optimizer) with `_hp_mapping`."""
+    return hasattr(param, "ds_status") or hasattr(param, "_hp_mapping")
 
 
 def gathered(model: nn.Module) -> AbstractContextManager:
