@@ -6,8 +6,6 @@ gradients of every adapter parameter (reduced over ranks, whole), the gathered a
 trained model's eval logits on a fixed input. Test-only behaviour, by environment variable:
 
 - MONTE_DS_TEST_PAUSE_AT=N: sleep once checkpoint-N is complete (the test then SIGKILLs the job);
-- MONTE_DS_TEST_EVAL_FORWARD=1: an eval-mode forward after every step (it changes ZeRO-3's trace,
-  as evaluation or generation between steps does);
 - MONTE_DS_TEST_METHODS=a,b,...: train each method in turn in this process group, each in
   <output_dir>/<method>, recording into RECORD_DIR/<method>/.
 """
@@ -62,8 +60,6 @@ class Record(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if self.first_step is None and self.trainer.is_monteclora:
             self.first_step = {k: v.item() for k, v in monteclora_losses(self.trainer.model).items()}
-        if os.environ.get("MONTE_DS_TEST_EVAL_FORWARD"):
-            self._eval_forward()
 
     def on_save(self, args, state, control, **kwargs):
         pause_at = os.environ.get("MONTE_DS_TEST_PAUSE_AT")

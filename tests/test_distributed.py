@@ -29,7 +29,7 @@ from monte_ds.train.methods import METHODS
 from monte_ds.train.run import inference_dir, load_trained
 from tests.distributed_worker import FIXED_INPUT
 from tests.test_real_model import prepared  # noqa: F401 (a fixture)
-from tests.test_train_run import step_logs, tiny_base, write_config  # noqa: F401 (tiny_base: a fixture)
+from tests.test_train_run import metrics, step_logs, tiny_base, write_config  # noqa: F401 (tiny_base: a fixture)
 
 
 pytestmark = pytest.mark.slow
@@ -265,14 +265,27 @@ def test_zero3_resume_reproduces_the_uninterrupted_run(jobs):
     assert_same_tensors(resumed.ranks()[0]["adapter"], full.ranks()[0]["adapter"], atol=0)
 
 
-def test_zero3_resume_after_eval_forwards_with_mixed_ranks_and_no_accumulation(jobs):
-    """An eval forward after every step changes ZeRO-3's module trace (as evaluation or generation
-    between steps does); with mixed ranks and accumulation 1, resuming still gives identical steps."""
-    overrides = (*SETUPS["zero3"], "training.gradient_accumulation_steps=1", 'adapter.rank_pattern={"v_proj": 2}')
-    evaluating = {"MONTE_DS_TEST_EVAL_FORWARD": "1"}
-    full = jobs("zero3-eval", *overrides, env=evaluating)
-    resumed = jobs("zero3-eval-resumed", *overrides, resume_from=full.out / "checkpoint-2", env=evaluating)
+def test_zero3_evaluation_during_training_then_resume_with_mixed_ranks_and_no_accumulation(jobs):
+    """`eval_strategy: steps` after every step: each evaluation changes ZeRO-3's module trace (as
+    generation between steps does). With mixed ranks and accumulation 1, resuming from checkpoint-2
+    still gives identical training steps, identical eval losses and the same adapter."""
+    overrides = (
+        *SETUPS["zero3"],
+        "training.gradient_accumulation_steps=1",
+        'adapter.rank_pattern={"v_proj": 2}',
+        "training.eval_strategy=steps",
+        "training.eval_steps=1",
+        "data.eval_size=6",
+    )
+    full = jobs("zero3-eval", *overrides)
+    resumed = jobs("zero3-eval-resumed", *overrides, resume_from=full.out / "checkpoint-2")
     assert_same_steps(resumed.out, full.out, [3, 4])
+    evals = {
+        run: {e["step"]: e["eval_loss"] for e in metrics(run.out)["log_history"] if "eval_loss" in e}
+        for run in (full, resumed)
+    }
+    assert sorted(evals[full]) == sorted(evals[resumed]) == [1, 2, 3, 4]  # 1-2 restored with the checkpoint
+    assert all(evals[resumed][step] == evals[full][step] for step in (3, 4))
     adapter = resumed.ranks()[0]["adapter"]
     assert_same_tensors(adapter, full.ranks()[0]["adapter"], atol=0)
     assert {tuple(t.shape) for key, t in adapter.items() if "v_proj.lora_A" in key and key.endswith("weight")} == {

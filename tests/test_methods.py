@@ -75,7 +75,7 @@ def test_every_method_trains_resumes_exactly_and_reloads_its_output(tmp_path, ti
     # The saved output reloads, the way the evaluation loads it, as the model that was trained.
     ids = torch.randint(4, 400, (2, 12), generator=torch.Generator().manual_seed(0))
     trained = trainers[0].model
-    reloaded = run.load_trained_model(config, torch.device("cpu"))
+    reloaded = run.load_trained(config, torch.device("cpu")).model
     torch.testing.assert_close(eval_logits(reloaded, ids), eval_logits(trained, ids), rtol=0, atol=1e-6)
     assert_method_specifics(method, out, trainers[0])
 
@@ -90,7 +90,7 @@ def test_every_method_trains_resumes_exactly_and_reloads_its_output(tmp_path, ti
     for step in (3, 4):
         assert actual[step]["loss"] == expected[step]["loss"]
         assert actual[step]["grad_norm"] == expected[step]["grad_norm"]
-    again = run.load_trained_model(load_config(resumed / "config.json"), torch.device("cpu"))
+    again = run.load_trained(load_config(resumed / "config.json"), torch.device("cpu")).model
     torch.testing.assert_close(eval_logits(again, ids), eval_logits(reloaded, ids), rtol=0, atol=0)
 
 
@@ -172,7 +172,7 @@ def test_peft_methods_train_on_a_4bit_base(tmp_path, tiny_base, method):
     assert train(config, "--set", f"quantization={quantization}", "--set", "training.max_steps=2") == 0
     out = tmp_path / "out"
     assert metrics(out)["status"] == "completed"
-    model = run.load_trained_model(load_config(out / "config.json"), torch.device("cpu"))
+    model = run.load_trained(load_config(out / "config.json"), torch.device("cpu")).model
     assert any(type(module).__name__ == "Linear4bit" for module in model.modules())
 
 

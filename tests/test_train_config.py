@@ -58,7 +58,12 @@ def write_config(tmp_path: Path, raw: dict) -> Path:
             "training.resume_from_checkpoint=true",
             "training.resume_from_checkpoint: not set here; use the --resume flag",
         ),
-        ("training.eval_strategy=steps", "training.eval_strategy: there is no evaluation set during training"),
+        (
+            "training.eval_strategy=steps",
+            "training.eval_strategy: needs an evaluation set: hold out rows with data.eval_size",
+        ),
+        ("data.eval_size=4", 'data.eval_size: holds out rows for training.eval_strategy, which is "no"'),
+        ("data.eval_size=0", "data.eval_size: 0 is less than the minimum of 1"),
         ("training.label_smoothing_factor=0.1", "training.label_smoothing_factor: not supported with MonteCLoRA"),
         ("adapter.r=0", "adapter.r: must be >= 1, got 0"),
         ("adapter.wishart_df=2", "adapter.wishart_df: must be null or >= the largest rank (8), got 2"),

@@ -7,6 +7,7 @@ The 2-rank runs (DDP, ZeRO-2, ZeRO-3, FSDP2 on gloo) are in test_distributed.py.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -18,11 +19,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from monte_ds import load_adapter, monteclora_losses, run_folder
-from monte_ds.errors import run_cli
+from monte_ds.errors import UserError, run_cli
 from monte_ds.monteclora.engine import REGULARISER_TERMS
-from monte_ds.train import checkpoints
+from monte_ds.train import checkpoints, run
 from monte_ds.train.config import load_config, training_arguments
-from monte_ds.train.data import dataset_texts, load_training_data, prepare_dataset
+from monte_ds.train.data import dataset_texts, load_training_data, prepare_dataset, split_eval
 from monte_ds.train.model import attach_adapter, ensure_tiny_model, load_base_model
 from monte_ds.train.run import main
 from monte_ds.train.trainer import MonteCLoRATrainer
@@ -162,6 +163,35 @@ def test_qlora_keeps_monteclora_parameters_in_fp32(tmp_path, tiny_base):
     saved = load_file(out / "adapter" / "adapter_model.safetensors")
     assert saved and all(tensor.dtype == torch.float32 for tensor in saved.values())
     assert any(key.endswith("monteclora_log_params") for key in saved)
+
+
+def test_evaluation_during_training_scores_the_held_out_rows_with_the_mean_adapter(tmp_path, tiny_base):
+    """`eval_strategy: steps` with `data.eval_size`: the last rows are held out of training and
+    scored every `eval_steps` (eval mode: the mean, no noise), and the run's steps are exactly those
+    of the same run on the remaining rows without evaluation (an evaluation draws nothing)."""
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "plain").mkdir()
+    held_out = {"data": {"path": DATA, "max_samples": 64, "eval_size": 8}}
+    evaluating = write_config(
+        tmp_path / "eval", tiny_base, **held_out, training={"eval_strategy": "steps", "eval_steps": 2}
+    )
+    plain = write_config(tmp_path / "plain", tiny_base, data={"path": DATA, "max_samples": 56})
+    assert train(evaluating) == 0 and train(plain) == 0
+    plan = run.plan_run(["--config", str(evaluating)])
+    assert (len(plan.dataset), len(plan.eval_dataset)) == (56, 8)
+    log = metrics(tmp_path / "eval" / "out")["log_history"]
+    assert sorted(entry["step"] for entry in log if "eval_loss" in entry) == [2, 4]
+    assert all(math.isfinite(entry["eval_loss"]) for entry in log if "eval_loss" in entry)
+    plain_steps = step_logs(tmp_path / "plain" / "out")
+    for step, entry in step_logs(tmp_path / "eval" / "out").items():
+        assert entry["loss"] == plain_steps[step]["loss"], step
+
+
+def test_eval_size_must_leave_rows_to_train_on():
+    from datasets import Dataset
+
+    with pytest.raises(UserError, match=r"^data.eval_size: 3 would hold out every row \(the data has 3\)$"):
+        split_eval(Dataset.from_dict({"text": ["a", "b", "c"]}), 3)
 
 
 @pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non_reentrant"])

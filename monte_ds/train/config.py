@@ -268,11 +268,14 @@ def validate_config(raw: dict[str, Any]) -> TrainConfig:
         raise UserError("set it exactly when data.format is 'template'", key="data.prompt_template")
     if quantization.double_quant and quantization.mode not in ("nf4", "fp4"):
         raise UserError("only applies to 4-bit modes (nf4, fp4)", key="quantization.double_quant")
-    if training.get("eval_strategy", "no") != "no":
+    evaluates_during_training = training.get("eval_strategy", "no") != "no"
+    if evaluates_during_training and data.eval_size is None:
         raise UserError(
-            "there is no evaluation set during training; the eval section evaluates after it",
+            "needs an evaluation set: hold out rows with data.eval_size (the eval section evaluates after training)",
             key="training.eval_strategy",
         )
+    if data.eval_size is not None and not evaluates_during_training:
+        raise UserError('holds out rows for training.eval_strategy, which is "no"', key="data.eval_size")
     if method == "monteclora" and training.get("label_smoothing_factor", 0) > 0:
         raise UserError(
             "not supported with MonteCLoRA (TRL runs a second "

@@ -42,7 +42,7 @@ from monte_ds.monteclora.engine import REGULARISER_TERMS
 from monte_ds.tiny import build_tokenizer
 from monte_ds.train import checkpoints
 from monte_ds.train.config import TrainConfig, load_config, training_arguments
-from monte_ds.train.data import check_trainable_tokens, dataset_texts, training_dataset
+from monte_ds.train.data import check_trainable_tokens, dataset_texts, split_eval, training_dataset
 from monte_ds.train.methods import REGISTRY
 from monte_ds.train.model import (
     attach_adapter,
@@ -89,6 +89,7 @@ class Plan:
     config: TrainConfig
     args: SFTConfig
     dataset: datasets.Dataset
+    eval_dataset: datasets.Dataset | None  # held out of the data for training.eval_strategy
     resume_from: Path | None
     evaluation: EvalPlan | None  # the eval section, planned (datasets loaded) once, before training
 
@@ -112,7 +113,8 @@ def plan_run(argv: Sequence[str] | None) -> Plan:
             raise err.under("eval") from None
     dataset, source = training_dataset(config.data)
     check_trainable_tokens(dataset, _planning_tokenizer(config, dataset), args, source)
-    return Plan(config, args, dataset, resume_from, evaluation)
+    dataset, eval_dataset = split_eval(dataset, config.data.eval_size)
+    return Plan(config, args, dataset, eval_dataset, resume_from, evaluation)
 
 
 def _planning_tokenizer(config: TrainConfig, dataset: datasets.Dataset) -> PreTrainedTokenizerBase:
@@ -157,7 +159,7 @@ def execute(plan: Plan) -> int:
         if args.process_index == 0:
             _prepare_output_dir(config, fresh=plan.resume_from is None)
             atomic_write_json(config.output_dir / run_folder.CONFIG_JSON, config.to_dict())
-            ensure_base_model(config, dataset_texts(plan.dataset))
+            ensure_base_model(config, dataset_texts(plan.dataset) + dataset_texts(plan.eval_dataset or []))
 
     tokenizer = load_tokenizer(config)
     model = load_base_model(config, args.device, sharded=config.shards_parameters)
@@ -168,6 +170,7 @@ def execute(plan: Plan) -> int:
         model=model,
         args=args,
         train_dataset=plan.dataset,
+        eval_dataset=plan.eval_dataset,
         processing_class=tokenizer,
         method=REGISTRY[config.method],
         method_options=config.method_options,
@@ -271,10 +274,6 @@ def load_trained(config: TrainConfig, device: torch.device) -> LoadedModel:
         attn_implementation=config.model.attn_implementation,
         gguf_file=config.model.gguf_file,
     )
-
-
-def load_trained_model(config: TrainConfig, device: torch.device) -> torch.nn.Module:
-    return load_trained(config, device).model
 
 
 def _evaluate(config: TrainConfig, args: SFTConfig, evaluation: EvalPlan) -> None:

@@ -30,6 +30,7 @@ from monte_ds.train.data.sources import (
     load_source,
     load_training_data,
     prepare_dataset,
+    split_eval,
     training_dataset,
 )
 from monte_ds.train.data.tokens import check_trainable_tokens
@@ -51,5 +52,6 @@ __all__ = [
     "load_source",
     "load_training_data",
     "prepare_dataset",
+    "split_eval",
     "training_dataset",
 ]

@@ -43,6 +43,8 @@ class DataSection:
     completion_column: str = option("completion", minLength=1)  # format "template": the column trained on
     # "skip": drop rows that fail the checks, with a warning naming them.
     on_bad_rows: Literal[rows.ON_BAD_ROWS] = "error"
+    # The last `eval_size` rows are held out: the evaluation set of `training.eval_strategy`.
+    eval_size: int | None = option(None, minimum=1)
 
 
 def training_dataset(data: DataSection) -> tuple[datasets.Dataset, Source]:
@@ -51,6 +53,17 @@ def training_dataset(data: DataSection) -> tuple[datasets.Dataset, Source]:
         dataset, source = load_source(data.path, data.split, data.subset, data.on_bad_rows)
         options = (data.format, data.max_samples, data.prompt_template, data.completion_column, data.on_bad_rows)
         return _prepare(dataset, source, *options)
+
+
+def split_eval(dataset: datasets.Dataset, eval_size: int | None) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """(training rows, held-out evaluation rows): the last `eval_size` rows, the same on every rank
+    and every resume, so an evaluation during training always scores the same examples."""
+    if eval_size is None:
+        return dataset, None
+    if eval_size >= len(dataset):
+        raise UserError(f"{eval_size} would hold out every row (the data has {len(dataset)})", key="data.eval_size")
+    kept = len(dataset) - eval_size
+    return dataset.select(range(kept)), dataset.select(range(kept, len(dataset)))
 
 
 def prepare_dataset(

@@ -19,7 +19,7 @@ from transformers import TrainerCallback
 
 from monte_ds import run_folder
 from monte_ds.config import MonteCLoRAConfig
-from monte_ds.errors import UserError
+from monte_ds.errors import InputError, UserError
 from monte_ds.run_folder import CHECKPOINT_ADALORA_STATE
 from monte_ds.train.methods.options import TARGETING, MethodOptions
 from monte_ds.train.methods.record import Method, Refusal, Regulariser, TrainerHooks
@@ -68,7 +68,7 @@ class AdaLoraHooks(TrainerHooks):
     def setup(self, trainer: MonteCLoRATrainer) -> None:
         tuner = trainer.model.base_model if isinstance(trainer.model, PeftModel) else None
         if not isinstance(tuner, AdaLoraModel):
-            raise ValueError(f"method 'adalora' trains a peft AdaLoRA model, got {type(trainer.model).__name__}")
+            raise InputError(f"method 'adalora' trains a peft AdaLoRA model, got {type(trainer.model).__name__}")
         self.tuner = tuner
         self.budget = AdaLoraBudget(tuner)
         trainer.add_callback(self.budget)

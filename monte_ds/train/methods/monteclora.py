@@ -12,6 +12,7 @@ from transformers import PreTrainedModel
 
 from monte_ds import run_folder
 from monte_ds.config import MonteCLoRAConfig
+from monte_ds.errors import InputError
 from monte_ds.monteclora import (
     export_lora_adapter,
     get_monteclora_model,
@@ -38,7 +39,7 @@ REGULARISER_TOTAL = "regulariser"  # the logged name of the whole term, beside R
 class MonteCLoRAHooks(TrainerHooks):
     def setup(self, trainer: MonteCLoRATrainer) -> None:
         if next(monteclora_layers(trainer.model), None) is None:
-            raise ValueError(
+            raise InputError(
                 "MonteCLoRATrainer trains MonteCLoRA unless given another method's record "
                 "(method=monte_ds.train.methods.REGISTRY[name]); this model has no MonteCLoRA layers"
             )
