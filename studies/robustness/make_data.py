@@ -23,44 +23,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from monte_ds.atomic import atomic_write_text
+from monte_ds.evaluation.generated import NAMES, THINGS  # the same little world as the generated tasks
 
 
-NAMES = [
-    ("Mia", "she"),
-    ("Leo", "he"),
-    ("Ava", "she"),
-    ("Sam", "he"),
-    ("Zoe", "she"),
-    ("Max", "he"),
-    ("Lily", "she"),
-    ("Ben", "he"),
-    ("Emma", "she"),
-    ("Noah", "he"),
-    ("Ella", "she"),
-    ("Jack", "he"),
-    ("Ruby", "she"),
-    ("Owen", "he"),
-    ("Nora", "she"),
-    ("Liam", "he"),
-]
-THINGS = [
-    "apples",
-    "pencils",
-    "marbles",
-    "stickers",
-    "books",
-    "cookies",
-    "coins",
-    "shells",
-    "cards",
-    "balloons",
-    "eggs",
-    "stamps",
-    "oranges",
-    "crayons",
-    "buttons",
-    "candles",
-]
 MAX_ADD = 20  # operands of + and -
 MAX_MUL = 12  # operands of *
 
