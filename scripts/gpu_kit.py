@@ -59,6 +59,10 @@ KIT = {
     "pydantic-core": "2.50.5",
     "annotated-types": "0.8.0",
     "typing-inspection": "0.4.5",
+    "jsonschema": "4.26.0",  # monte_ds.schema: MonteCLoRAConfig's field checks
+    "jsonschema-specifications": "2025.9.1",  # the rest: jsonschema's requirements (attrs is on the node)
+    "referencing": "0.37.0",
+    "rpds-py": "2026.9.1",
 }
 BUILT_HERE = {"deepspeed"}  # from the sdist, DS_BUILD_OPS=0: no compiled ops, so one py3 wheel
 # The node: CPython 3.12 on x86-64 Linux with glibc >= 2.28 (RHEL 8 and later).

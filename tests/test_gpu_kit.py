@@ -64,7 +64,7 @@ def test_every_module_the_suite_imports_is_on_the_node_or_pinned_in_the_kit(kit)
     pinned = {kit.module_name(name): name for name in kit.KIT}
     needed, unresolved = kit.needed_distributions(third_party, kit.read_node_packages(), pinned)
     assert unresolved == [], {m: sorted(third_party[m]) for m in unresolved}
-    assert needed == {"bitsandbytes", "deepspeed"}
+    assert needed == {"bitsandbytes", "deepspeed", "jsonschema"}
 
 
 def test_the_node_list_parses_with_versions_and_import_names(kit, tmp_path):
