@@ -22,6 +22,11 @@ def data_parallel_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def is_zero3(param: torch.Tensor) -> bool:
+    """A parameter DeepSpeed ZeRO-3 partitions (`zero.Init` or the engine converted it)."""
+    return hasattr(param, "ds_status")
+
+
 def full_fp32(param: torch.Tensor) -> torch.Tensor:
     """The whole fp32 tensor of a parameter. FSDP2 keeps it sharded outside its block's forward:
     a differentiable all-gather whose gradient is averaged over ranks, as FSDP does for the task
@@ -40,7 +45,7 @@ def gather_zero3(params: Sequence[torch.Tensor], owner: torch.nn.Module | None =
     records its trace (the first step, after a resume, whenever the module order changes) and
     whenever they exceed `stage3_param_persistence_threshold`: v and alpha must therefore be
     external parameters of the root, or the node's gradients land on released partitions."""
-    if not params or not hasattr(params[0], "ds_status"):
+    if not params or not is_zero3(params[0]):
         return
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus, register_external_parameter
 
@@ -55,12 +60,12 @@ def gather_zero3(params: Sequence[torch.Tensor], owner: torch.nn.Module | None =
 def reduces_once(param: torch.Tensor) -> bool:
     """DeepSpeed ZeRO's parameters, whose gradient its hook reduces as it arrives, once per backward.
     DeepSpeed marks them: ZeRO-3 with `ds_status`, ZeRO-1/2 (and its bf16 optimizer) with `_hp_mapping`."""
-    return hasattr(param, "ds_status") or hasattr(param, "_hp_mapping")
+    return is_zero3(param) or hasattr(param, "_hp_mapping")
 
 
 def gathered(model: nn.Module) -> AbstractContextManager:
     """Gather ZeRO-3 partitioned parameters for reading (a no-op elsewhere)."""
-    params = [p for p in model.parameters() if hasattr(p, "ds_id")]
+    params = [p for p in model.parameters() if is_zero3(p)]
     if not params:
         return nullcontext()
     import deepspeed

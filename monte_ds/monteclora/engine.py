@@ -15,9 +15,10 @@ beyond LoRA's, whatever the optimizer (docs/performance.md).
 The step node keeps what its backward needs as plain attributes rather than saved tensors,
 and returns no gradient for layers that sent none: reentrant activation checkpointing replays a
 block's layers in their own backward passes, each of which reaches this node with the gradients
-of that block's layers only, so the node is traversed once per block and must stay valid. Under DeepSpeed ZeRO, which reduces
-a parameter's gradient once per backward, those traversals reach a detached copy of the stacked
-parameter, whose gradient `_HandOver` passes on in one piece after every block.
+of that block's layers only, so the node is traversed once per block and must stay valid.
+Under DeepSpeed ZeRO, which reduces a parameter's gradient once per backward, those traversals
+reach a detached copy of the stacked parameter, whose gradient `_HandOver` passes on in one piece
+after every block.
 """
 
 from __future__ import annotations
